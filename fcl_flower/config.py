@@ -1,0 +1,247 @@
+"""One configuration object, composed once and passed down.
+
+Values live in ``conf/*.yaml`` only; this module holds the *types* of the keys (the
+schema) and the rules that tie values together. ``load_config`` composes the default
+YAML, an optional user YAML file and dotlist overrides (``data.root=/x sites=4``),
+rejects unknown keys and wrong types with a message naming the key, and checks the
+allowed choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONFIG = CONF_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is not valid; the message names the key."""
+
+
+@dataclass
+class AugmentSchema:
+    crop_scale: list[float] = MISSING
+    rotate_deg: float = MISSING
+    scale: float = MISSING
+    flip_prob: float = MISSING
+    intensity_shift: float = MISSING
+    intensity_scale: float = MISSING
+    gamma: list[float] = MISSING
+    noise_std: float = MISSING
+
+
+@dataclass
+class DataSchema:
+    format: str = MISSING
+    root: Optional[str] = MISSING
+    split: str = MISSING
+    dirichlet_alpha: float = MISSING
+    cache_dir: Optional[str] = MISSING
+    num_partitions: int = MISSING
+    spatial_dims: int = MISSING
+    slab_depth: int = MISSING
+    target_spacing: list[float] = MISSING
+    image_size: list[int] = MISSING
+    use_4d_frames: bool = MISSING
+    holdout_fraction: float = MISSING
+    augment: AugmentSchema = field(default_factory=AugmentSchema)
+
+
+@dataclass
+class SyntheticSchema:
+    patients_per_site: int = MISSING
+    image_size: int = MISSING
+    spacing: float = MISSING
+    cache_root: Optional[str] = MISSING
+
+
+@dataclass
+class ModelSchema:
+    in_channels: int = MISSING
+    num_classes: int = MISSING
+    channels: list[int] = MISSING
+    num_res_units: int = MISSING
+    norm: str = MISSING
+    proj_hidden: int = MISSING
+    proj_dim: int = MISSING
+
+
+@dataclass
+class PretrainSchema:
+    batch_volumes: int = MISSING
+    local_epochs: int = MISSING
+    max_steps_per_round: int = MISSING
+    optimizer: str = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    temperature: float = MISSING
+    ema_momentum: float = MISSING
+    queue_size: int = MISSING
+    bank_sample_size: int = MISSING
+    use_feature_exchange: bool = MISSING
+    use_remote_positives: bool = MISSING
+    exclude_same_partition_negatives: bool = MISSING
+    keep_optimizer_state: bool = MISSING
+    threads: int = MISSING
+
+
+@dataclass
+class RelaySchema:
+    enabled: bool = MISSING
+    max_rows_per_site: int = MISSING
+    float16: bool = MISSING
+    stale_after_rounds: int = MISSING
+    max_rows: int = MISSING
+    norm_tolerance: float = MISSING
+
+
+@dataclass
+class StrategySchema:
+    name: str = MISSING
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FederationSchema:
+    fraction_fit: float = MISSING
+    min_fit_sites: int = MISSING
+    min_available_sites: int = MISSING
+    round_timeout: Optional[float] = MISSING
+    accept_failures: bool = MISSING
+    client_cpus: int = MISSING
+    client_gpus: float = MISSING
+
+
+@dataclass
+class ConfigSchema:
+    sites: int = MISSING
+    rounds: int = MISSING
+    method: str = MISSING
+    seed: int = MISSING
+    output_dir: str = MISSING
+    resume: bool = MISSING
+    stages: list[str] = MISSING
+    data: DataSchema = field(default_factory=DataSchema)
+    synthetic: SyntheticSchema = field(default_factory=SyntheticSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    pretrain: PretrainSchema = field(default_factory=PretrainSchema)
+    relay: RelaySchema = field(default_factory=RelaySchema)
+    strategy: StrategySchema = field(default_factory=StrategySchema)
+    federation: FederationSchema = field(default_factory=FederationSchema)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "method": ("fcl", "local_cl", "simclr", "rotation", "none"),
+    "data.format": ("synthetic", "acdc", "msd"),
+    "data.split": ("iid", "dirichlet"),
+    "data.spatial_dims": (2, 3),
+    "model.norm": ("instance", "batch"),
+    "pretrain.optimizer": ("sgd", "adam"),
+    "strategy.name": (
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+        "fedmedian", "fedtrimmedavg", "krum",
+    ),
+}
+STAGES = ("pretrain", "finetune")
+POSITIVE = (
+    "sites", "rounds", "data.num_partitions", "data.slab_depth", "pretrain.batch_volumes",
+    "pretrain.local_epochs", "pretrain.queue_size", "pretrain.threads",
+    "synthetic.patients_per_site", "synthetic.image_size", "model.proj_dim",
+    "federation.client_cpus",
+)
+
+
+def load_config(
+    overrides: Sequence[str] = (), config_file: str | Path | None = None
+) -> DictConfig:
+    """Compose ``conf/default.yaml``, an optional YAML file and dotlist overrides.
+
+    Args:
+        overrides: ``key=value`` strings, e.g. ``["sites=3", "data.root=/data/acdc"]``.
+        config_file: a YAML file with a subset of the keys, applied before overrides.
+
+    Returns:
+        A read-only ``DictConfig`` that follows ``ConfigSchema``.
+
+    Raises:
+        ConfigError: unknown key, wrong type, value outside its choices, or an
+            unreadable file; the message names the key or the file.
+    """
+    layers = [OmegaConf.load(DEFAULT_CONFIG)]
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml errors come in several types
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), *layers)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {str(exc).splitlines()[0]}") from exc
+    validate_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check choices, positivity and cross-key rules; raise ``ConfigError`` naming the key."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': must be at least 1, got {OmegaConf.select(cfg, key)}")
+    for stage in cfg.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"config key 'stages': {stage!r} is not one of {list(STAGES)}")
+    if len(cfg.data.image_size) != 2 or len(cfg.data.target_spacing) != 2:
+        raise ConfigError("config keys 'data.image_size' and 'data.target_spacing' need two in-plane values")
+    if not 0.0 < cfg.pretrain.temperature:
+        raise ConfigError("config key 'pretrain.temperature': must be positive")
+    if not 0.0 <= cfg.pretrain.ema_momentum < 1.0:
+        raise ConfigError("config key 'pretrain.ema_momentum': must be in [0, 1)")
+    if not 0.0 <= cfg.data.holdout_fraction < 1.0:
+        raise ConfigError("config key 'data.holdout_fraction': must be in [0, 1)")
+    if cfg.federation.min_fit_sites > cfg.sites or cfg.federation.min_available_sites > cfg.sites:
+        raise ConfigError(
+            "config keys 'federation.min_fit_sites'/'federation.min_available_sites' "
+            f"exceed 'sites' = {cfg.sites}"
+        )
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text: what the server sends to clients and saves."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_from_yaml(text: str) -> DictConfig:
+    """Rebuild a validated, read-only config from ``config_to_yaml`` output."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), OmegaConf.create(text))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"received config is not valid: {str(exc).splitlines()[0]}") from exc
+    validate_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """A new validated config: ``cfg`` with dotlist ``overrides`` applied."""
+    return config_from_yaml(
+        config_to_yaml(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
+    )
