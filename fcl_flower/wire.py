@@ -1,0 +1,169 @@
+"""Wire format of the feature banks that travel between sites and the server.
+
+Numpy only (no Flower, no torch): the client adapter and the server strategy both use
+it. Arrays travel as ``.npy`` bytes written and read with ``allow_pickle=False``, so a
+message can never make the receiver unpickle anything.
+
+Client to server, in ``FitRes.metrics``:
+
+- ``bank.features`` (``BANK_FEATURES``): npy bytes, ``(N, d)`` float32 or float16, rows
+  L2-normalised projection-head outputs of the site's local queue.
+- ``bank.partitions`` (``BANK_PARTITIONS``): npy bytes, ``(N,)`` int64 partition ids.
+- ``site`` (``SITE``): str, the site's stable name (see ``strategies.feature_exchange``).
+
+Server to client, in ``FitIns.config`` (all four keys absent: no remote bank this round):
+
+- ``remote.features`` (``REMOTE_FEATURES``): npy bytes, ``(M, d)`` float16 or float32,
+  the banks of the other sites concatenated.
+- ``remote.partitions`` (``REMOTE_PARTITIONS``): npy bytes, ``(M,)`` int64.
+- ``remote.sites`` (``REMOTE_SITES``): int, how many other sites contributed rows.
+- ``remote.rows`` (``REMOTE_ROWS``): int, ``M``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+SITE = "site"
+BANK_FEATURES = "bank.features"
+BANK_PARTITIONS = "bank.partitions"
+BANK_KEYS = (BANK_FEATURES, BANK_PARTITIONS)
+REMOTE_FEATURES = "remote.features"
+REMOTE_PARTITIONS = "remote.partitions"
+REMOTE_SITES = "remote.sites"
+REMOTE_ROWS = "remote.rows"
+REMOTE_KEYS = (REMOTE_FEATURES, REMOTE_PARTITIONS, REMOTE_SITES, REMOTE_ROWS)
+
+
+def encode_array(a: np.ndarray) -> bytes:
+    """Serialise an array as ``.npy`` bytes (no pickling; object arrays are refused).
+
+    Raises:
+        ValueError: ``a`` has an object dtype.
+    """
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(a), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_array(b: bytes) -> np.ndarray:
+    """Read ``.npy`` bytes written by ``encode_array`` (never unpickles).
+
+    Raises:
+        ValueError: ``b`` is not bytes, or not one complete ``.npy`` array.
+    """
+    if not isinstance(b, (bytes, bytearray)):
+        raise ValueError(f"expected .npy bytes, got {type(b).__name__}")
+    buffer = io.BytesIO(b)
+    try:
+        array = np.load(buffer, allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, EOFError, OSError, ... on garbage
+        raise ValueError(f"not a valid .npy array ({len(b)} bytes): {exc}") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as NpzFile
+        raise ValueError(f"not a single .npy array ({len(b)} bytes)")
+    if buffer.tell() != len(b):
+        raise ValueError(f"{len(b) - buffer.tell()} trailing bytes after the .npy array")
+    return array
+
+
+def _check_bank(features: np.ndarray, partitions: np.ndarray) -> None:
+    """Shapes only: ``features`` (N, d), ``partitions`` (N,)."""
+    if features.ndim != 2 or partitions.ndim != 1 or len(features) != len(partitions):
+        raise ValueError(
+            f"a bank needs features (N, d) and partitions (N,), got {features.shape} "
+            f"and {partitions.shape}"
+        )
+
+
+def bank_to_metrics(features: np.ndarray, partitions: np.ndarray) -> dict[str, bytes]:
+    """The local bank as ``FitRes.metrics`` entries.
+
+    Args:
+        features: ``(N, d)`` float32 or float16, sent with its dtype.
+        partitions: ``(N,)`` integer partition ids, sent as int64.
+
+    Raises:
+        ValueError: shapes do not match.
+    """
+    features, partitions = np.asarray(features), np.asarray(partitions)
+    _check_bank(features, partitions)
+    return {
+        BANK_FEATURES: encode_array(features),
+        BANK_PARTITIONS: encode_array(partitions.astype(np.int64, copy=False)),
+    }
+
+
+def bank_from_metrics(metrics: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decode the bank a client sent; ``None`` when it sent none.
+
+    Only decodes: dtypes, shapes and values are returned as sent and are checked by the
+    receiver (``strategies.feature_exchange``).
+
+    Returns:
+        ``(features, partitions)`` as decoded, or ``None`` if neither key is present.
+
+    Raises:
+        ValueError: only one of the two keys is present, or a value does not decode.
+    """
+    present = [key for key in BANK_KEYS if key in metrics]
+    if not present:
+        return None
+    if len(present) != len(BANK_KEYS):
+        raise ValueError(f"incomplete bank: only {present} present")
+    return decode_array(metrics[BANK_FEATURES]), decode_array(metrics[BANK_PARTITIONS])
+
+
+def remote_bank_to_config(
+    features: np.ndarray, partitions: np.ndarray, n_sites: int
+) -> dict[str, bytes | int]:
+    """The remote bank for one site as ``FitIns.config`` entries.
+
+    Args:
+        features: ``(M, d)`` float16 or float32, sent with its dtype.
+        partitions: ``(M,)`` integer partition ids, sent as int64.
+        n_sites: how many other sites contributed rows.
+
+    Raises:
+        ValueError: shapes do not match.
+    """
+    features, partitions = np.asarray(features), np.asarray(partitions)
+    _check_bank(features, partitions)
+    return {
+        REMOTE_FEATURES: encode_array(features),
+        REMOTE_PARTITIONS: encode_array(partitions.astype(np.int64, copy=False)),
+        REMOTE_SITES: int(n_sites),
+        REMOTE_ROWS: int(len(features)),
+    }
+
+
+def remote_bank_from_config(
+    config: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decode the remote bank the server sent; ``None`` when it sent none.
+
+    Returns:
+        ``(features, partitions)``: ``(M, d)`` float32 and ``(M,)`` int64, or ``None``
+        if ``remote.features`` is absent.
+
+    Raises:
+        ValueError: keys missing, undecodable values, or inconsistent shapes/``remote.rows``.
+    """
+    if REMOTE_FEATURES not in config:
+        return None
+    missing = [key for key in REMOTE_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"incomplete remote bank: {missing} missing")
+    features = decode_array(config[REMOTE_FEATURES])
+    partitions = decode_array(config[REMOTE_PARTITIONS])
+    _check_bank(features, partitions)
+    if len(features) != config[REMOTE_ROWS]:
+        raise ValueError(
+            f"remote bank has {len(features)} rows, remote.rows says {config[REMOTE_ROWS]}"
+        )
+    if features.dtype not in (np.float16, np.float32) or partitions.dtype.kind not in "iu":
+        raise ValueError(f"remote bank has dtypes {features.dtype}/{partitions.dtype}")
+    return features.astype(np.float32), partitions.astype(np.int64)
