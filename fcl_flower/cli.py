@@ -81,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from fcl_flower.processes import FlowerProcessError
+
     try:
         return func(args)
-    except ConfigError as exc:
+    except (ConfigError, FlowerProcessError) as exc:
         print(f"fcl-flower: {exc}", file=sys.stderr)
         return 2
 
