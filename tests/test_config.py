@@ -1,0 +1,79 @@
+"""The composed configuration: defaults, dotlist overrides, and rejection of bad keys."""
+
+from pathlib import Path
+
+import pytest
+
+from fcl_flower.cli import main
+from fcl_flower.config import ConfigError, config_from_yaml, config_to_yaml, load_config, with_overrides
+
+
+def test_defaults_load_and_are_read_only():
+    cfg = load_config()
+    assert cfg.method == "fcl" and cfg.data.format == "synthetic" and cfg.data.num_partitions == 4
+    with pytest.raises(Exception):
+        cfg.sites = 3
+
+
+def test_dotlist_overrides_reach_nested_keys():
+    cfg = load_config(["sites=3", "data.root=/data/acdc", "data.image_size=[64,64]", "strategy.options={proximal_mu: 0.1}"])
+    assert cfg.sites == 3 and cfg.data.root == "/data/acdc"
+    assert list(cfg.data.image_size) == [64, 64]
+    assert cfg.strategy.options.proximal_mu == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sitez=3", "sitez"),
+        ("data.formt=acdc", "data.formt"),
+        ("sites=many", "sites"),
+        ("pretrain.use_remote_positives=maybe", "pretrain.use_remote_positives"),
+        ("data.format=dicom", "data.format"),
+        ("method=byol", "method"),
+        ("data.split=random", "data.split"),
+        ("strategy.name=fedfoo", "strategy.name"),
+        ("sites=0", "sites"),
+        ("pretrain.temperature=0", "pretrain.temperature"),
+        ("stages=[pretrain,deploy]", "stages"),
+        ("data.image_size=[64]", "data.image_size"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert key in str(err.value)
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["sites"])
+
+
+def test_config_file_layer_and_its_errors(tmp_path: Path):
+    good = tmp_path / "exp.yaml"
+    good.write_text("sites: 4\npretrain:\n  lr: 0.01\n")
+    cfg = load_config(["sites=5"], good)
+    assert cfg.sites == 5 and cfg.pretrain.lr == 0.01  # dotlist wins over the file
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([], tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  lrr: 0.01\n")
+    with pytest.raises(ConfigError, match="pretrain.lrr"):
+        load_config([], bad)
+
+
+def test_yaml_round_trip_and_with_overrides():
+    cfg = load_config(["sites=3", "method=simclr"])
+    again = config_from_yaml(config_to_yaml(cfg))
+    assert config_to_yaml(again) == config_to_yaml(cfg)
+    changed = with_overrides(cfg, ["rounds=7"])
+    assert changed.rounds == 7
+    assert changed.method == "simclr"
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, ["sites=-1"])
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["simulate", "sitez=3"]) == 2
+    assert "sitez" in capsys.readouterr().err
