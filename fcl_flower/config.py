@@ -113,6 +113,8 @@ class FederationSchema:
     fraction_fit: float = MISSING
     min_fit_sites: int = MISSING
     min_available_sites: int = MISSING
+    fraction_evaluate: float = MISSING
+    min_evaluate_sites: int = MISSING
     round_timeout: Optional[float] = MISSING
     accept_failures: bool = MISSING
     client_cpus: int = MISSING
