@@ -4,8 +4,8 @@ A round record is a plain dict::
 
     {"round": 3, "stage": "pretrain", "seconds": 12.1, "loss": 4.2, "eval_loss": 4.4,
      "sites": {"site_00": {"loss": 4.1, "samples": 16, "seconds": 5.2,
-                           "bytes_up_weights": ..., "bytes_up_bank": ...,
-                           "bytes_down_weights": ..., "bytes_down_bank": ...,
+                           "up_weights_bytes": ..., "up_bank_bytes": ...,
+                           "down_weights_bytes": ..., "down_bank_bytes": ...,
                            "remote_rows": 512, "eval_loss": 4.3}, ...},
      "failures": [{"site": "site_03", "reason": "..."}],
      "rejected_banks": [{"site": "site_05", "reason": "..."}]}
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 SITE_COLUMNS = (
-    "loss", "eval_loss", "samples", "steps", "seconds", "bytes_up_weights", "bytes_up_bank",
-    "bytes_down_weights", "bytes_down_bank", "remote_rows",
+    "loss", "eval_loss", "samples", "steps", "seconds", "up_weights_bytes", "up_bank_bytes",
+    "down_weights_bytes", "down_bank_bytes", "remote_rows",
 )
 
 
@@ -89,8 +89,8 @@ class RunRecorder:
             if any(r.get("eval_loss") is not None for r in rs):
                 axes[0].plot(x, [r.get("eval_loss") for r in rs], "s--", label=f"{stage} held-out")
             axes[1].plot(x, [r["seconds"] for r in rs], "o-", label=stage)
-            for key, style in (("bytes_down_weights", "o-"), ("bytes_down_bank", "s--")):
-                axes[2].plot(x, [_mean_site(r, key) / 1e6 for r in rs], style, label=f"{stage} {key[11:]}")
+            for key, style in (("down_weights_bytes", "o-"), ("down_bank_bytes", "s--")):
+                axes[2].plot(x, [_mean_site(r, key) / 1e6 for r in rs], style, label=f"{stage} {key.split('_')[1]}")
         for ax, title in zip(axes, ("loss", "seconds per round", "MB down per site")):
             ax.set_title(title)
             ax.set_xlabel("round")
@@ -116,6 +116,6 @@ def console_line(rec: dict[str, Any], total_rounds: int) -> str:
     parts.append(f"sites {len(rec.get('sites', {}))} ok {len(rec.get('failures', []))} failed")
     if rec.get("rejected_banks"):
         parts.append(f"{len(rec['rejected_banks'])} banks rejected")
-    parts.append(f"down {_mean_site(rec, 'bytes_down_weights') / 1e6:.2f}+{_mean_site(rec, 'bytes_down_bank') / 1e6:.2f} MB/site")
+    parts.append(f"down {_mean_site(rec, 'down_weights_bytes') / 1e6:.2f}+{_mean_site(rec, 'down_bank_bytes') / 1e6:.2f} MB/site")
     parts.append(f"{rec['seconds']:.1f} s")
     return " | ".join(parts)

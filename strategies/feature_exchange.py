@@ -304,6 +304,9 @@ class FeatureExchange(Strategy):
             entry["bank"] = "stored"
             entry["bank_rows"] = int(len(bank.partitions))
         self.rejected_banks += len(rejected)
+        # Results arrive in completion order; a fixed order makes the floating-point sum
+        # of the aggregation, and so a resumed run, reproducible.
+        stripped.sort(key=lambda item: (str(item[1].metrics.get(wire.SITE, "")), item[0].cid))
         parameters, metrics = self.strategy.aggregate_fit(server_round, stripped, failures)
         self._last_report = self._report(record, up, rejected, len(failures))
         return parameters, metrics

@@ -9,7 +9,7 @@ from fcl_flower.metrics import RunRecorder, console_line
 
 def _record(r: int, failed: bool = False) -> dict:
     sites = {
-        f"site_{i:02d}": {"loss": 4.0 - r * 0.1 - i * 0.01, "samples": 10, "bytes_down_weights": 1_000_000, "bytes_down_bank": 50_000, "remote_rows": 100}
+        f"site_{i:02d}": {"loss": 4.0 - r * 0.1 - i * 0.01, "samples": 10, "down_weights_bytes": 1_000_000, "down_bank_bytes": 50_000, "remote_rows": 100}
         for i in range(3 - failed)
     }
     return {
