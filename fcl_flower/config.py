@@ -122,6 +122,33 @@ class FederationSchema:
 
 
 @dataclass
+class FinetuneAugmentSchema:
+    rotate_deg: float = MISSING
+    scale: float = MISSING
+    intensity_scale: float = MISSING
+
+
+@dataclass
+class FinetuneSchema:
+    encoder: Optional[str] = MISSING
+    init: str = MISSING
+    tasks: list[str] = MISSING
+    n_labeled: list[int] = MISSING
+    folds: int = MISSING
+    run_folds: int = MISSING
+    local_steps: int = MISSING
+    rounds: int = MISSING
+    fed_local_steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    augment: FinetuneAugmentSchema = field(default_factory=FinetuneAugmentSchema)
+    overlay_slices: int = MISSING
+    local_timeout: Optional[float] = MISSING
+    threads: int = MISSING
+
+
+@dataclass
 class ConfigSchema:
     sites: int = MISSING
     rounds: int = MISSING
@@ -137,6 +164,7 @@ class ConfigSchema:
     relay: RelaySchema = field(default_factory=RelaySchema)
     strategy: StrategySchema = field(default_factory=StrategySchema)
     federation: FederationSchema = field(default_factory=FederationSchema)
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -146,6 +174,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.spatial_dims": (2, 3),
     "model.norm": ("instance", "batch"),
     "pretrain.optimizer": ("sgd", "adam"),
+    "finetune.init": ("auto", "random", "local_pretrain"),
     "strategy.name": (
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
         "fedmedian", "fedtrimmedavg", "krum",
@@ -157,7 +186,10 @@ POSITIVE = (
     "pretrain.local_epochs", "pretrain.queue_size", "pretrain.threads",
     "synthetic.patients_per_site", "synthetic.image_size", "model.proj_dim",
     "federation.client_cpus",
+    "finetune.folds", "finetune.local_steps", "finetune.rounds", "finetune.fed_local_steps",
+    "finetune.batch_size", "finetune.threads",
 )
+FINETUNE_TASKS = ("local", "federated")
 
 
 def load_config(
@@ -219,11 +251,29 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("config key 'pretrain.ema_momentum': must be in [0, 1)")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError("config key 'data.holdout_fraction': must be in [0, 1)")
+    _validate_finetune(cfg)
     if cfg.federation.min_fit_sites > cfg.sites or cfg.federation.min_available_sites > cfg.sites:
         raise ConfigError(
             "config keys 'federation.min_fit_sites'/'federation.min_available_sites' "
             f"exceed 'sites' = {cfg.sites}"
         )
+
+
+def _validate_finetune(cfg: DictConfig) -> None:
+    ft = cfg.finetune
+    for task in ft.tasks:
+        if task not in FINETUNE_TASKS:
+            raise ConfigError(f"config key 'finetune.tasks': {task!r} is not one of {list(FINETUNE_TASKS)}")
+    if not ft.n_labeled or any(n < 1 for n in ft.n_labeled) or len(set(ft.n_labeled)) != len(ft.n_labeled):
+        raise ConfigError(f"config key 'finetune.n_labeled': needs distinct values >= 1, got {list(ft.n_labeled)}")
+    if ft.folds < 2:
+        raise ConfigError(f"config key 'finetune.folds': k-fold needs at least 2 folds, got {ft.folds}")
+    if not 0 <= ft.run_folds <= ft.folds:
+        raise ConfigError(f"config key 'finetune.run_folds': must be in [0, finetune.folds = {ft.folds}], got {ft.run_folds}")
+    if not ft.lr > 0:
+        raise ConfigError("config key 'finetune.lr': must be positive")
+    if ft.overlay_slices < 0:
+        raise ConfigError("config key 'finetune.overlay_slices': must be >= 0")
 
 
 def config_to_yaml(cfg: DictConfig) -> str:
