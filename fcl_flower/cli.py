@@ -53,6 +53,31 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(load_config(args.overrides, args.config_file))
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fcl_flower.certs import CertsError, describe_certificate, generate_certs, site_names
+
+    try:
+        names = site_names(args.sites, args.site_names.split(",") if args.site_names else None)
+        paths = generate_certs(Path(args.out), names, args.san, force=args.force, supernode_keys_only=args.supernode_keys_only)
+    except CertsError as exc:
+        print(f"fcl-flower: {exc}", file=sys.stderr)
+        return 2
+    if not args.supernode_keys_only:
+        print(f"CA:        {paths.ca_cert} (key {paths.ca_key}: keep it offline)")
+        print(f"SuperLink: {paths.superlink_cert} + {paths.superlink_key}")
+        print(f"           {describe_certificate(paths.superlink_cert)}")
+    for name in names:
+        print(f"SuperNode {name}: private key {paths.supernode_key(name)} (stays at the site), "
+              f"public key {paths.supernode_pub(name)} (register with: flwr supernode register)")
+    return 0
+
+
+def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    from fcl_flower.deploy import deploy_local
+
+    return deploy_local(load_config(args.overrides, args.config_file), sites=args.sites)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcl-flower", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run pre-training (and fine-tuning) on Flower's Ray simulation engine")
     _add_config_args(p)
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("certs", help="make a CA, the SuperLink TLS certificate and SuperNode auth keys")
+    p.add_argument("--out", required=True, help="output folder (ca.crt, superlink.crt/.key, supernodes/<site>[.pub])")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--sites", type=int, default=None, help="N SuperNode key pairs named site_00 .. site_{N-1}")
+    who.add_argument("--site-names", default=None, help="comma-separated SuperNode names, e.g. hospital-a,hospital-b")
+    p.add_argument("--san", action="append", default=[], metavar="HOST",
+                   help="extra DNS name or IP address of the SuperLink (repeatable); localhost, 127.0.0.1, ::1 always")
+    p.add_argument("--supernode-keys-only", action="store_true",
+                   help="write only the SuperNode key pairs (a site making its own key)")
+    p.add_argument("--force", action="store_true", help="overwrite existing keys and certificates")
+    p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser("deploy-local", help="a real TLS + node-auth federation on this machine: SuperLink + one SuperNode per site")
+    p.add_argument("--sites", type=int, default=None, help="number of SuperNodes (default: the config's 'sites')")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_deploy_local)
     return parser
 
 

@@ -149,6 +149,14 @@ class FinetuneSchema:
 
 
 @dataclass
+class DeploySchema:
+    host: str = MISSING
+    port: int = MISSING
+    startup_timeout: float = MISSING
+    run_timeout: float = MISSING
+
+
+@dataclass
 class ConfigSchema:
     sites: int = MISSING
     rounds: int = MISSING
@@ -165,6 +173,7 @@ class ConfigSchema:
     strategy: StrategySchema = field(default_factory=StrategySchema)
     federation: FederationSchema = field(default_factory=FederationSchema)
     finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
+    deploy: DeploySchema = field(default_factory=DeploySchema)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
