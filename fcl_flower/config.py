@@ -48,6 +48,7 @@ class DataSchema:
     slab_depth: int = MISSING
     target_spacing: list[float] = MISSING
     image_size: list[int] = MISSING
+    intensity_percentiles: list[float] = MISSING
     use_4d_frames: bool = MISSING
     holdout_fraction: float = MISSING
     augment: AugmentSchema = field(default_factory=AugmentSchema)
