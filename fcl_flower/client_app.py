@@ -1,0 +1,259 @@
+"""Flower ClientApp: thin NumPyClient adapters around the Flower-free trainer.
+
+Each message carries the full run configuration (``config`` key, YAML) and the round
+number, so a client needs nothing but its node config: ``partition-id`` in
+simulation, ``data-dir`` / ``site-name`` / ``state-dir`` in deployment. No per-site
+state is kept in this process (Ray reuses it for other sites; a SuperNode starts a new
+one every round): it lives in the site's state folder.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import numpy as np
+from flwr.client import ClientApp, NumPyClient
+from flwr.common import Context, NDArrays, Scalar
+from omegaconf import DictConfig
+
+from fcl_flower.config import config_from_yaml
+from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
+from fcl_flower.wire import bank_to_metrics, remote_bank_from_config
+
+SITE_TAG = "[site={}]"
+
+
+class SiteFailure(RuntimeError):
+    """Any error on a site, re-raised with the site's name so the server can report it."""
+
+
+@contextmanager
+def failures_named(site: str) -> Iterator[None]:
+    """Re-raise any exception inside as ``SiteFailure('[site=NAME] Type: message')``."""
+    try:
+        yield
+    except SiteFailure:
+        raise
+    except Exception as exc:
+        raise SiteFailure(f"{SITE_TAG.format(site)} {type(exc).__name__}: {exc}") from exc
+
+
+class _SiteClient(NumPyClient):
+    """Shared plumbing: config from the message, the site from the node config."""
+
+    def __init__(self, node_config: Mapping[str, Scalar]) -> None:
+        self.node_config = dict(node_config)
+
+    def _site_label(self) -> str:
+        return str(self.node_config.get("site-name") or self.node_config.get("partition-id", "?"))
+
+    @staticmethod
+    def _config(config: Mapping[str, Scalar]) -> tuple[DictConfig, int]:
+        return config_from_yaml(str(config["config"])), int(config["round"])
+
+    def _volumes(self, cfg: DictConfig, site: Site, held_out: bool) -> list[np.ndarray]:
+        from fcl_flower.data.preprocess import load_site_volumes
+
+        train, holdout = split_holdout(site.records, cfg.data.holdout_fraction, cfg.seed, site.name)
+        return [v.image for v in load_site_volumes(holdout if held_out else train, cfg)]
+
+
+class FCLClient(_SiteClient):
+    """Contrastive pre-training client: one local round per ``fit``, bank out, remote bank in."""
+
+    def get_parameters(self, config: Mapping[str, Scalar]) -> NDArrays:
+        from fcl_flower.pretrain import initial_weights
+
+        cfg, _ = self._config(config)
+        return initial_weights(cfg)
+
+    def fit(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        from fcl_flower.pretrain import pretrain_round
+
+        with failures_named(self._site_label()):
+            cfg, server_round = self._config(config)
+            site = resolve_site(cfg, self.node_config)
+        with failures_named(site.name):
+            volumes = self._volumes(cfg, site, held_out=False)
+            remote = remote_bank_from_config(config) if cfg.relay.enabled else None
+            store = RoundStateStore(site.state_dir / "pretrain")
+            work = store.checkout(server_round)
+            result = pretrain_round(parameters, remote, volumes, cfg, work, server_round)
+            store.commit(server_round, work)
+            metrics: dict[str, Scalar] = {"site": site.name, **result.metrics}
+            metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
+            return result.weights, result.num_samples, metrics
+
+    def evaluate(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        from fcl_flower.pretrain import evaluate_contrastive
+
+        with failures_named(self._site_label()):
+            cfg, server_round = self._config(config)
+            site = resolve_site(cfg, self.node_config)
+        with failures_named(site.name):
+            volumes = self._volumes(cfg, site, held_out=True)
+            state = RoundStateStore(site.state_dir / "pretrain").latest_before(server_round + 1)
+            if not volumes or state is None:
+                return 0.0, 0, {"site": site.name}
+            metrics = evaluate_contrastive(parameters, volumes, cfg, state)
+            return float(metrics["loss"]), len(volumes), {"site": site.name, **metrics}
+
+
+class FinetuneClient(_SiteClient):
+    """Fine-tuning client; ``config["task"]`` says what to do with the site's labeled patients.
+
+    - ``local_pretrain`` (fit): pre-train the encoder on this site alone (``finetune.init =
+      local_pretrain``); returns encoder + head weights, cached on the site's disk.
+    - ``local`` (fit): the whole local k-fold fine-tuning for every N in ``n_labeled``
+      (comma-separated), starting from the U-Net in ``parameters`` (its encoder replaced
+      by the site's own for ``local_pretrain``); returns no weights and the results as
+      JSON in ``metrics["results"]``.
+    - ``federated`` (fit): ``finetune.fed_local_steps`` steps on the N labeled patients of
+      fold ``fold``; returns the U-Net and the number of training slices.
+    - ``federated`` (evaluate): Dice / HD95 of the U-Net on the fold's held-out patients.
+
+    Overlays (held-out slices with ground truth and prediction) go to the site's state
+    folder, ``<state_dir>/finetune/overlays``; images never leave the site.
+    """
+
+    def get_parameters(self, config: Mapping[str, Scalar]) -> NDArrays:
+        from fcl_flower.finetune import initial_unet_weights
+
+        cfg, _ = self._config(config)
+        return initial_unet_weights(cfg, None)
+
+    def _labeled(self, cfg: DictConfig, site: Site, patients: list[str] | None = None):
+        from fcl_flower.data.preprocess import load_site_volumes
+        from fcl_flower.finetune import labeled_volumes
+
+        records = [r for r in site.records if r.label is not None and (patients is None or r.patient in patients)]
+        return labeled_volumes(load_site_volumes(records, cfg))
+
+    def _split(self, cfg: DictConfig, site: Site, n_labeled: int, fold: int):
+        from fcl_flower.finetune import fold_splits
+
+        patients = sorted({r.patient for r in site.records if r.label is not None})
+        splits = fold_splits(patients, cfg, n_labeled)
+        if fold >= len(splits):
+            raise ValueError(f"fold {fold} is not run (finetune.folds={cfg.finetune.folds}, run_folds={cfg.finetune.run_folds})")
+        return splits[fold]
+
+    def fit(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        import json
+        import time
+
+        import torch
+
+        from fcl_flower import finetune as ft
+
+        with failures_named(self._site_label()):
+            cfg, server_round = self._config(config)
+            site = resolve_site(cfg, self.node_config)
+        with failures_named(site.name):
+            torch.set_num_threads(cfg.finetune.threads)
+            task = str(config["task"])
+            state = site.state_dir / "finetune"
+            t0 = time.perf_counter()
+            if task == "local_pretrain":
+                train, _ = split_holdout(site.records, cfg.data.holdout_fraction, cfg.seed, site.name)
+                from fcl_flower.data.preprocess import load_site_volumes
+
+                volumes = [v.image for v in load_site_volumes(train, cfg)]
+                weights, metrics = ft.local_pretrain(parameters, volumes, cfg, state, ft.config_fingerprint(cfg))
+                return weights, len(volumes), {"site": site.name, **metrics}
+            if task == "local":
+                from fcl_flower.models import encoder_from_weights
+
+                init = list(parameters)
+                if cfg.finetune.init == "local_pretrain":
+                    cached = state / ft.LOCAL_ENCODER_FILE
+                    if not cached.is_file():
+                        raise RuntimeError("finetune.init=local_pretrain but this site has no locally pre-trained encoder yet")
+                    with np.load(cached, allow_pickle=False) as saved:
+                        own = [saved[f"w{i}"] for i in range(int(saved["count"]))]
+                    init = ft.replace_encoder(cfg, init, encoder_from_weights(cfg, own))
+                budgets = [int(n) for n in str(config["n_labeled"]).split(",")]
+
+                def overlays(n: int, fold: int, model, test, result) -> None:
+                    if fold == 0:
+                        ft.write_overlays(
+                            state / "overlays", f"local_n{n}", f"{cfg.method} | local fine-tuning | N={n} | {site.name}",
+                            test, result.predictions, cfg,
+                        )
+
+                hook = overlays if cfg.finetune.overlay_slices > 0 else None
+                cells = ft.local_finetune(self._labeled(cfg, site), init, cfg, budgets, site.name, on_fold=hook)
+                results = {str(n): cell.to_json() for n, cell in cells.items()}
+                return [], len(budgets), {
+                    "site": site.name, "results": json.dumps(results), "seconds": time.perf_counter() - t0,
+                }
+            if task == "federated":
+                n, fold = int(config["n_labeled"]), int(config["fold"])
+                split = self._split(cfg, site, n, fold)
+                model = ft.build_unet_from(cfg, parameters)
+                train = ft.train_segmentation(
+                    model, self._labeled(cfg, site, split.labeled), cfg, cfg.finetune.fed_local_steps,
+                    ft.stable_seed(cfg.seed, site.name, "federated", n, fold, server_round),
+                )
+                return ft.unet_weights(model), train.samples, {
+                    "site": site.name, "loss": train.loss, "samples": train.samples, "seconds": train.seconds,
+                }
+            raise ValueError(f"unknown fine-tuning task {task!r}")
+
+    def evaluate(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        import torch
+
+        from fcl_flower import finetune as ft
+
+        with failures_named(self._site_label()):
+            cfg, _ = self._config(config)
+            site = resolve_site(cfg, self.node_config)
+        with failures_named(site.name):
+            torch.set_num_threads(cfg.finetune.threads)
+            n, fold = int(config["n_labeled"]), int(config["fold"])
+            split = self._split(cfg, site, n, fold)
+            test = self._labeled(cfg, site, split.test)
+            model = ft.build_unet_from(cfg, parameters)
+            result = ft.evaluate_volumes(model, test, cfg, keep_predictions=cfg.finetune.overlay_slices > 0)
+            if fold == 0 and cfg.finetune.overlay_slices > 0:
+                ft.write_overlays(
+                    site.state_dir / "finetune" / "overlays", f"federated_n{n}",
+                    f"{cfg.method} | federated fine-tuning | N={n} | {site.name}", test, result.predictions, cfg,
+                )
+            metrics: dict[str, Scalar] = {"site": site.name, **{k: float(v) for k, v in result.mean.items()}}
+            return 1.0 - float(result.mean["dice"]), len(test), metrics
+
+
+# The client that serves each stage of a run; the server names the stage in every message.
+STAGE_CLIENTS: dict[str, type[_SiteClient]] = {"pretrain": FCLClient, "finetune": FinetuneClient}
+
+
+class StageClient(NumPyClient):
+    """Hands each message to the client of the stage it names (``config["stage"]``)."""
+
+    def __init__(self, node_config: Mapping[str, Scalar]) -> None:
+        self.node_config = node_config
+
+    def _client(self, config: Mapping[str, Scalar]) -> _SiteClient:
+        stage = str(config.get("stage", "pretrain"))
+        if stage not in STAGE_CLIENTS:
+            raise SiteFailure(f"{SITE_TAG.format(self.node_config.get('site-name', '?'))} unknown stage {stage!r}")
+        return STAGE_CLIENTS[stage](self.node_config)
+
+    def get_parameters(self, config: Mapping[str, Scalar]) -> NDArrays:
+        return self._client(config).get_parameters(config)
+
+    def fit(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        return self._client(config).fit(parameters, config)
+
+    def evaluate(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        return self._client(config).evaluate(parameters, config)
+
+
+def client_fn(context: Context):
+    """Build the client for this node; the stage is chosen by the server per message."""
+    return StageClient(context.node_config).to_client()
+
+
+app = ClientApp(client_fn=client_fn)
