@@ -1,0 +1,666 @@
+"""Multi-site synthetic short-axis cardiac cine-MRI, written as ACDC-style NIfTI.
+
+Real ACDC cannot be shipped, so this generator produces data that behaves like it:
+
+* Anatomy (per patient, in mm): a left ventricle modelled as a truncated half-ellipsoid
+  (cavity inside a myocardial shell, so the cavity shrinks and the wall looks thicker
+  from base to apex, and the apex is a closed myocardial cap), a crescent right
+  ventricle wrapped around the septum that vanishes before the apex, papillary muscles
+  and trabeculated (wobbly) endocardium inside the cavity, an open myocardial ring at
+  the base (outflow tract), patchy epicardial fat, and the chest around it: body
+  outline with subcutaneous fat and chest-wall muscle, ribs, lungs with vessels, liver
+  and stomach rising towards the apex, descending aorta and a vertebra.
+* Patients vary by ACDC group (NOR, MINF, DCM, HCM, RV: cavity size, wall thickness,
+  ejection fraction, RV size), heart position, in-plane rotation, shape and body size.
+  Each patient has an end-diastolic (ED) and an end-systolic (ES) frame.
+* Sites (scanners) vary the tissue-to-intensity mapping (per-tissue gains and a gamma),
+  the stored intensity range, noise level and type (Gaussian or Rician), a smooth
+  multiplicative bias field, ghosting, in-plane blur, in-plane resolution, slice
+  count and slice spacing, so the federation is not IID.
+* Image formation: tissue intensities with smooth texture, through-slice partial
+  volume (each slice averages three sub-slices across its thickness), Gaussian PSF,
+  ghosting, bias field, noise; labels are taken at the slice centre.
+
+Everything is vectorised numpy on (layers, H, W) grids; the output is deterministic
+for a seed. Label values follow ACDC: 0 background, 1 RV cavity, 2 LV myocardium,
+3 LV cavity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fcl_flower.data.errors import DataError
+
+GENERATOR_VERSION = 1
+LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
+GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
+REFERENCE_FOV_MM = 160.0  # smaller fields of view scale the anatomy down to fit
+
+# tissue classes of the anatomical model
+AIR, SOFT, FAT, MUSCLE, LUNG, VESSEL, LIVER, STOMACH, AORTA, BONE, MARROW = range(11)
+PERI_FAT, MYO, LV_BLOOD, RV_BLOOD, RV_WALL, PAPILLARY, OUTFLOW = range(11, 18)
+TISSUES = (
+    "air", "soft", "fat", "muscle", "lung", "vessel", "liver", "stomach", "aorta", "bone",
+    "marrow", "pericardial_fat", "myocardium", "lv_blood", "rv_blood", "rv_wall", "papillary",
+    "outflow",
+)
+# bSSFP-like base intensities on a 0..1 scale: blood and fat bright, muscle dark grey,
+# lungs and air dark. Myocardium, chest-wall muscle, RV wall and soft tissue overlap.
+BASE_INTENSITY = np.array(
+    [0.0, 0.30, 0.92, 0.21, 0.05, 0.55, 0.40, 0.50, 0.70, 0.08,
+     0.50, 0.88, 0.24, 0.80, 0.76, 0.26, 0.27, 0.78],
+    dtype=np.float64,
+)
+
+# material of each tissue (air, soft, fat, muscle, lung, blood, liver, bone, stomach):
+# a site's intensity mapping scales materials, so all blood pools stay alike.
+MATERIAL = np.array([0, 1, 2, 3, 4, 5, 6, 8, 5, 7, 2, 2, 3, 5, 5, 3, 3, 5])
+
+
+@dataclass(frozen=True)
+class SiteParams:
+    """Scanner of one site: geometry, contrast and noise. Stored in the manifest."""
+
+    name: str
+    spacing_xy: float          # in-plane mm
+    slices: int                # typical slice count (patients vary by +-1)
+    slice_spacing: float       # mm between slice centres
+    slice_thickness: float     # mm, partial volume across the slice
+    intensity_max: float       # stored value of intensity 1.0
+    gamma: float               # contrast curve applied to the 0..1 intensities
+    tissue_gain: tuple[float, ...]  # per-tissue multiplicative gains, order of TISSUES
+    noise_type: str            # gaussian | rician
+    noise_std: float           # relative to intensity 1.0
+    bias_coeffs: tuple[float, ...]  # x, y, xy, x^2, y^2, z of the log bias field
+    psf_sigma_px: float        # in-plane Gaussian blur
+    ghost_amplitude: float     # phase-encode ghost (motion) strength
+    texture_amplitude: float   # smooth multiplicative tissue texture
+
+
+def _site_params(seed: int, index: int, n_sites: int, spacing: float) -> SiteParams:
+    rng = np.random.default_rng([seed, 0x517E, index])
+    strata = np.random.default_rng([seed, 0x517E]).permutation(np.arange(8, 13))
+    slices = int(np.resize(strata, n_sites)[index])  # the first 5 sites differ in slice count
+    coverage = rng.uniform(72.0, 90.0)
+    slice_spacing = float(np.clip(coverage / (slices - 1), 5.0, 10.0))
+    # one gain per material (blood is blood wherever it is), a small jitter per tissue
+    material_gain = rng.uniform(0.8, 1.2, size=int(MATERIAL.max()) + 1)
+    gains = material_gain[MATERIAL] * rng.uniform(0.96, 1.04, size=len(TISSUES))
+    gains[AIR] = 1.0
+    return SiteParams(
+        name=f"site_{index:02d}",
+        spacing_xy=round(float(spacing * rng.uniform(0.87, 1.13)), 4),
+        slices=slices,
+        slice_spacing=round(slice_spacing, 3),
+        slice_thickness=round(float(min(slice_spacing, rng.uniform(5.0, 8.0))), 3),
+        intensity_max=round(float(rng.uniform(300.0, 3000.0)), 1),
+        gamma=round(float(rng.uniform(0.75, 1.35)), 4),
+        tissue_gain=tuple(round(float(g), 4) for g in gains),
+        noise_type="rician" if index % 2 == 0 else "gaussian",
+        noise_std=round(float(rng.uniform(0.015, 0.055)), 4),
+        bias_coeffs=tuple(round(float(c), 4) for c in rng.normal(0.0, 1.0, 6) * rng.uniform(0.08, 0.3)),
+        psf_sigma_px=round(float(rng.uniform(0.5, 0.95)), 3),
+        ghost_amplitude=round(float(rng.uniform(0.0, 0.05)), 4),
+        texture_amplitude=round(float(rng.uniform(0.04, 0.08)), 4),
+    )
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+class _Angle:
+    """Polar angle phi of the points around a centre, held as cos(phi) and sin(phi).
+
+    Harmonics cos(k phi), sin(k phi) come from the Chebyshev recurrences in real float32
+    arithmetic with rolling in-place buffers: much cheaper than arctan2 and cos per voxel.
+    """
+
+    def __init__(self, cos1: np.ndarray, sin1: np.ndarray) -> None:
+        self.cos1 = cos1
+        self.sin1 = sin1
+
+    def wobble(self, harmonics) -> np.ndarray:
+        """A smooth radial perturbation sum_k amp_k cos(k phi + phase_k)."""
+        terms = {k: (amp * np.cos(ph), amp * np.sin(ph)) for k, amp, ph in harmonics}
+        out = np.zeros(self.cos1.shape, dtype=np.float32)
+        tmp = np.empty_like(out)
+        two_c = self.cos1 * np.float32(2.0)
+        c_prev, s_prev = np.ones_like(out), np.zeros_like(out)
+        c_k, s_k = self.cos1.copy(), self.sin1.copy()
+        for k in range(1, max(terms) + 1):
+            if k > 1:  # x_{k} = 2 cos(phi) x_{k-1} - x_{k-2}, written into the x_{k-2} buffer
+                for prev, cur in ((c_prev, c_k), (s_prev, s_k)):
+                    np.multiply(two_c, cur, out=tmp)
+                    np.subtract(tmp, prev, out=prev)
+                c_prev, c_k = c_k, c_prev
+                s_prev, s_k = s_k, s_prev
+            if k in terms:
+                a_cos, a_sin = terms[k]
+                out += np.multiply(c_k, np.float32(a_cos), out=tmp)
+                out -= np.multiply(s_k, np.float32(a_sin), out=tmp)
+        return out
+
+    def cos_to(self, phi0: float) -> np.ndarray:
+        """cos(phi - phi0)."""
+        out = self.cos1 * np.float32(np.cos(phi0))
+        out += self.sin1 * np.float32(np.sin(phi0))
+        return out
+
+
+def _rho(X, Y, cx, cy, a, b, theta, angle=False):
+    """Normalised elliptic radius (< 1 inside) of an ellipse, float32.
+
+    With ``angle=True`` also returns an ``_Angle`` of the polar angle in the ellipse frame.
+    In-place arithmetic keeps the number of full-size temporaries (and page faults) low.
+    """
+    f32 = np.float32
+    dx = X - np.asarray(cx, f32)
+    dy = Y - np.asarray(cy, f32)
+    c, s = f32(np.cos(theta)), f32(np.sin(theta))
+    a = np.maximum(np.asarray(a, f32), f32(1e-3))
+    b = np.maximum(np.asarray(b, f32), f32(1e-3))
+    shape = np.broadcast_shapes(dx.shape, dy.shape, a.shape, b.shape)
+    u = np.empty(shape, f32)
+    np.multiply(dx, c, out=u)
+    u += dy * s
+    u /= a
+    v = np.empty(shape, f32)
+    np.multiply(dy, c, out=v)
+    v -= dx * s
+    v /= b
+    if not angle:
+        u *= u
+        v *= v
+        u += v
+        return np.sqrt(u, out=u)
+    rho = np.hypot(u, v)
+    inv = np.maximum(rho, f32(1e-6))
+    np.divide(1.0, inv, out=inv)
+    u *= inv
+    v *= inv
+    return rho, _Angle(u, v)
+
+
+def _harmonics(rng, ks, amp):
+    return [(k, amp * rng.uniform(0.3, 1.0), rng.uniform(0, 2 * np.pi)) for k in ks]
+
+
+def _profile(t, p):
+    """Half-ellipsoid radius profile: 1 at the base (t <= 0), 0 at t >= 1."""
+    t = np.clip(t, 0.0, 1.0)
+    return (1.0 - t ** p) ** (1.0 / p)
+
+
+def _smooth_noise(rng, shape, sigma_px):
+    """Zero-mean, unit-std Gaussian random field (float32), smoothed in-plane with an FFT."""
+    out = _gaussian_blur(rng.standard_normal(shape, dtype=np.float32), sigma_px)
+    out /= out.std() + np.float32(1e-8)
+    return out
+
+
+def _gaussian_blur(arr, sigma_px):
+    """In-plane Gaussian blur of (..., H, W) via the FFT (periodic boundary), float32."""
+    if sigma_px <= 0:
+        return arr
+    h, w = arr.shape[-2:]
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    transfer = np.exp(-2.0 * (np.pi * sigma_px) ** 2 * (fy ** 2 + fx ** 2)).astype(np.float32)
+    spec = np.fft.rfft2(arr.astype(np.float32, copy=False))
+    spec *= transfer
+    return np.fft.irfft2(spec, s=(h, w)).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class PatientParams:
+    """Anatomy of one patient; the ED frame, and the ES changes."""
+
+    group: str
+    height_cm: float
+    weight_kg: float
+    nb_frames: int
+    es_frame: int
+    slices: int
+    heart_x: float
+    heart_y: float
+    rotation: float
+    ellipticity: float
+    r_endo: float
+    wall: float
+    es_ratio: float
+    length_factor: float
+    profile_p: float
+    rv_a: float
+    rv_b: float
+    rv_end: float
+    rv_angle: float
+    es_base_descent: float
+
+
+def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams:
+    group = GROUPS[int(rng.integers(len(GROUPS)))]
+    r_endo, wall, es_ratio, rv_scale = {
+        "NOR": (rng.uniform(21, 26), rng.uniform(7.0, 9.0), rng.uniform(0.60, 0.70), 1.0),
+        "MINF": (rng.uniform(25, 30), rng.uniform(6.0, 8.0), rng.uniform(0.80, 0.90), 1.0),
+        "DCM": (rng.uniform(28, 33), rng.uniform(5.5, 7.5), rng.uniform(0.85, 0.93), 1.05),
+        "HCM": (rng.uniform(17, 22), rng.uniform(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
+        "RV": (rng.uniform(20, 25), rng.uniform(7.0, 9.0), rng.uniform(0.62, 0.72), rng.uniform(1.3, 1.5)),
+    }[group]
+    height = rng.uniform(150, 195)
+    bmi = rng.uniform(19, 33)
+    nb_frames = int(rng.integers(12, 36))
+    slices = int(np.clip(site.slices + rng.choice([-1, 0, 0, 1]), 6, 14))
+    return PatientParams(
+        group=group,
+        height_cm=round(float(height), 1),
+        weight_kg=round(float(bmi * (height / 100) ** 2), 1),
+        nb_frames=nb_frames,
+        es_frame=int(np.clip(round(nb_frames * rng.uniform(0.3, 0.45)), 2, nb_frames)),
+        slices=slices,
+        heart_x=float(rng.uniform(-12, 12)),
+        heart_y=float(rng.uniform(-10, 10)),
+        rotation=float(rng.uniform(-0.35, 0.35)),
+        ellipticity=float(rng.uniform(0.86, 1.0)),
+        r_endo=float(r_endo),
+        wall=float(wall),
+        es_ratio=float(es_ratio),
+        length_factor=float(rng.uniform(1.02, 1.1)),
+        profile_p=float(rng.uniform(1.7, 2.4)),
+        rv_a=float(rng.uniform(33, 42) * rv_scale),
+        rv_b=float(rng.uniform(17, 23) * rv_scale),
+        rv_end=float(rng.uniform(0.66, 0.84)),
+        rv_angle=float(np.pi + rng.uniform(0.15, 0.55)),  # image left, slightly anterior
+        es_base_descent=float(rng.uniform(0.03, 0.1)),
+    )
+
+
+def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np.ndarray,
+            rng: np.random.Generator, sub: int = 1) -> np.ndarray:
+    """Tissue map (layers, n, n) int8 of one frame at the given depths (mm from the base slice).
+
+    Each run of ``sub`` consecutive depths is one slice (sub-slices for partial volume):
+    the heart is drawn at every depth, the slowly varying surroundings once per slice.
+
+    ``rng`` must be seeded per patient (not per frame) so that ED and ES share the same
+    surroundings; only the heart changes between frames. The random stream is consumed
+    identically for both frames.
+    """
+    f32 = np.float32
+    scale = min(1.0, n * site.spacing_xy / REFERENCE_FOV_MM)
+    coords = ((np.arange(n) - (n - 1) / 2.0) * site.spacing_xy / scale).astype(f32)  # anatomy mm
+    L = len(depths)
+    Y = coords[None, :, None]
+    X = coords[None, None, :]
+    d = depths[:, None, None].astype(np.float64)
+    coverage = (pat.slices - 1) * site.slice_spacing
+    d_slice = depths.reshape(-1, sub).mean(axis=1)[:, None, None]
+    frac = np.clip(d_slice / max(coverage, 1e-6), 0.0, 1.1)  # 0 base .. 1 apex slice
+    tissue = np.zeros((L, n, n), dtype=np.int8)
+
+    def paint(mask, value):
+        if sub > 1 and mask.shape[0] == L // sub and L > sub:  # per-slice mask: repeat to sub-slices
+            mask = np.repeat(mask, sub, axis=0)
+        tissue[np.broadcast_to(mask, tissue.shape)] = value
+
+    # --- body, subcutaneous fat, chest-wall muscle, ribs (all fixed along the stack)
+    bmi = pat.weight_kg / (pat.height_cm / 100) ** 2
+    body_a = rng.uniform(150, 185) * (bmi / 24) ** 0.3
+    body_b = rng.uniform(105, 125) * (bmi / 24) ** 0.3
+    body_cx, body_cy = rng.uniform(-8, 8), body_b - rng.uniform(62, 80)
+    fat_t = np.clip(4 + (bmi - 19) * 1.1 + rng.uniform(-2, 2), 3, 22)
+    mus_t = rng.uniform(8, 14)
+    rb, zb = _rho(X, Y, body_cx, body_cy, body_a, body_b, 0.0, angle=True)
+    rb = rb - zb.wobble(_harmonics(rng, (2, 3, 5), 0.015))
+    band_fat = 1.0 - fat_t / body_b
+    band_mus = band_fat - mus_t / body_b
+    paint(rb < 1.0, SOFT)
+    paint((rb < 1.0) & (rb >= band_fat), FAT)
+    paint((rb < band_fat) & (rb >= band_mus), MUSCLE)
+    for _ in range(6):  # rib cross-sections in the muscle band, some slices only
+        ang = rng.uniform(-np.pi * 0.95, -np.pi * 0.05)
+        rr = (band_fat + band_mus) / 2
+        rx, ry = body_cx + rr * body_a * np.cos(ang), body_cy + rr * body_b * np.sin(ang)
+        rib = _rho(X, Y, rx, ry, rng.uniform(5, 8), rng.uniform(3, 5), ang + np.pi / 2)
+        present = np.cos(d_slice * rng.uniform(0.05, 0.12) + rng.uniform(0, 6.3)) > -0.2
+        paint((rib < 1.0) & present, MARROW)
+        paint((rib >= 1.0) & (rib < 1.3) & present, BONE)
+    inner = rb < band_mus
+    hx, hy = pat.heart_x, pat.heart_y
+
+    # --- lungs with vessels (shrink towards the apex: diaphragm)
+    lung_shrink = 1.0 - 0.35 * np.clip(frac, 0, 1)
+    for side in (-1, 1):
+        lx = hx + side * rng.uniform(58, 72)
+        ly = hy + rng.uniform(-15, 5)
+        rl, zl = _rho(X, Y, lx, ly, rng.uniform(45, 58) * lung_shrink, rng.uniform(70, 90) * lung_shrink,
+                      side * rng.uniform(0.0, 0.3), angle=True)
+        rl = rl - zl.wobble(_harmonics(rng, (2, 3, 4), 0.04))
+        paint((rl < 1.0) & inner, LUNG)
+        vessels = np.zeros((1, n, n), dtype=bool)
+        for _ in range(10):
+            r = rng.uniform(1.2, 3.0)
+            vessels |= _rho(X, Y, lx + rng.uniform(-35, 35), ly + rng.uniform(-50, 50), r, r, 0.0) < 1.0
+        paint(vessels & (tissue == LUNG), VESSEL)
+
+    # --- descending aorta and vertebra (posterior)
+    ax, ay = hx + rng.uniform(18, 32), hy + rng.uniform(52, 64)
+    ra = _rho(X, Y, ax, ay, rng.uniform(9, 12), rng.uniform(9, 12), 0.0)
+    vx, vy = body_cx + rng.uniform(-4, 4), ay + rng.uniform(18, 26)
+    rvb = _rho(X, Y, vx, vy, rng.uniform(15, 19), rng.uniform(13, 16), 0.0)
+    paint((rvb < 1.0) & inner, BONE)
+    paint((rvb < 0.82) & inner, MARROW)
+    paint((ra < 1.0) & inner, AORTA)
+
+    # --- liver (image lower left) and stomach (lower right), rising towards the apex
+    t_liv = rng.uniform(0.15, 0.45)
+    s_liv = np.sqrt(np.clip((frac - t_liv) / (1 - t_liv), 0, 1))
+    rli, zli = _rho(X, Y, hx - rng.uniform(40, 55), hy + rng.uniform(55, 70),
+                    rng.uniform(70, 90) * s_liv, rng.uniform(45, 60) * s_liv, rng.uniform(-0.4, 0.1), angle=True)
+    rli = rli - zli.wobble(_harmonics(rng, (2, 3), 0.05))
+    paint((rli < 1.0) & inner, LIVER)
+    s_st = np.sqrt(np.clip((frac - t_liv - 0.2) / (1 - t_liv), 0, 1))
+    rst = _rho(X, Y, hx + rng.uniform(35, 50), hy + rng.uniform(50, 65),
+               rng.uniform(30, 40) * s_st, rng.uniform(22, 30) * s_st, rng.uniform(-0.5, 0.5))
+    paint((rst < 1.0) & inner, STOMACH)
+
+    # --- heart geometry (scalars and per-layer radii/centres)
+    es = frame == "ES"
+    L_epi = coverage * pat.length_factor
+    base = pat.es_base_descent * L_epi if es else 0.0
+    r_endo0 = pat.r_endo * (pat.es_ratio if es else 1.0)
+    ring_area = (pat.r_endo + pat.wall) ** 2 - pat.r_endo ** 2
+    ring_change = rng.uniform(0.95, 1.05)
+    r_epi0 = math.sqrt(r_endo0 ** 2 + ring_area * (ring_change if es else 1.0))
+    wall0 = r_epi0 - r_endo0
+    t = (d - base) / (L_epi - base)
+    t_endo = (d - base) / max(L_epi - base - 0.8 * wall0, 1.0)
+    r_epi = r_epi0 * _profile(t, pat.profile_p)
+    r_endo = r_endo0 * _profile(t_endo, pat.profile_p)
+    drift = rng.uniform(3, 9) * np.clip(t, 0, 1)
+    drift_dir = rng.uniform(0, 2 * np.pi)
+    cx = hx + drift * np.cos(drift_dir)
+    cy = hy + drift * np.sin(drift_dir)
+    th, e = pat.rotation, pat.ellipticity
+    endo_h = _harmonics(rng, (5, 7, 9), 0.05)
+    epi_h = _harmonics(rng, (2, 3), 0.025)
+    phi_inf = rng.uniform(0, 2 * np.pi)
+    rv_prof = _profile(t / pat.rv_end, 2.0)
+    rv_es = (rng.uniform(0.62, 0.75), rng.uniform(0.82, 0.92))
+    rv_b = pat.rv_b * rv_prof * (rv_es[0] if es else 1.0)
+    rv_a = pat.rv_a * rv_prof * (rv_es[1] if es else 1.0)
+    ang = pat.rv_angle + th
+    dist = 0.6 * r_epi + 0.45 * rv_b
+    rvx, rvy = cx + dist * np.cos(ang), cy + dist * np.sin(ang)
+    rv_wall_t = rng.uniform(2.5, 4.0)
+    rv_h = _harmonics(rng, (2, 3, 6), 0.04)
+    fat_w = rng.uniform(1.5, 3.5)
+    patch_h = _harmonics(rng, (1, 2, 3), 1.0)
+    patch_level = rng.uniform(-0.3, 0.3)
+    gap_w = rng.uniform(0.35, 0.6)
+    phi_gap = pat.rv_angle - np.pi + rng.uniform(-0.6, -0.2)  # in the LV frame
+    t_gap = rng.uniform(0.04, 0.1)
+    papillary = [(th + pat.rv_angle + np.pi + (-1) ** k * rng.uniform(0.6, 1.0),
+                  rng.uniform(2.5, 4.0) * (1.3 if es else 1.0)) for k in range(2)]
+
+    # the heart is drawn inside its bounding box only (radii padded for the wobbles)
+    r_lv = (r_epi0 + max(4.0, fat_w)) * 1.15 + 2.0
+    r_rv = (max(float(np.max(rv_a)), float(np.max(rv_b))) + rv_wall_t + max(3.0, fat_w)) * 1.2 + 2.0
+    lo_x = min(float(np.min(cx)) - r_lv, float(np.min(rvx)) - r_rv)
+    hi_x = max(float(np.max(cx)) + r_lv, float(np.max(rvx)) + r_rv)
+    lo_y = min(float(np.min(cy)) - r_lv, float(np.min(rvy)) - r_rv)
+    hi_y = max(float(np.max(cy)) + r_lv, float(np.max(rvy)) + r_rv)
+    x0, x1 = np.searchsorted(coords, lo_x), np.searchsorted(coords, hi_x, side="right")
+    y0, y1 = np.searchsorted(coords, lo_y), np.searchsorted(coords, hi_y, side="right")
+    if x1 <= x0 or y1 <= y0:
+        return tissue
+    X, Y = X[:, :, x0:x1], Y[:, y0:y1, :]
+    inner = inner[:, y0:y1, x0:x1]
+    box = tissue[:, y0:y1, x0:x1]  # a view: painting it paints the tissue map
+
+    def paint(mask, value):
+        box[np.broadcast_to(mask, box.shape)] = value
+
+    # --- left ventricle: truncated half-ellipsoid shell; ES: smaller cavity, thicker wall
+    rho_epi, z = _rho(X, Y, cx, cy, r_epi, r_epi * e, th, angle=True)
+    rho_endo = _rho(X, Y, cx, cy, r_endo, r_endo * e, th)
+    epi_w = z.wobble(epi_h)
+    rho_epi -= epi_w
+    rho_endo -= z.wobble(endo_h) * np.clip(t, 0.2, 1.0).astype(f32)
+    if pat.group == "MINF":  # thinned infarct sector
+        rho_epi += np.float32(0.55 * wall0 / max(r_epi0, 1.0)) * np.clip(z.cos_to(phi_inf), 0, 1) ** 3
+    epi = rho_epi < 1.0
+    cav = (rho_endo < 1.0) & epi
+
+    # --- right ventricle: an ellipse beside the LV minus the LV: a crescent on the septum
+    rho_rv, zr = _rho(X, Y, rvx, rvy, rv_b, rv_a, ang, angle=True)
+    rv_w = zr.wobble(rv_h)
+    rho_rvo = _rho(X, Y, rvx, rvy, rv_b + rv_wall_t, rv_a + rv_wall_t, ang) - rv_w
+    has_rv = rv_b > 1.5
+    rv_cav = (rho_rv - rv_w < 1.0) & ~epi & has_rv
+    rv_out = (rho_rvo < 1.0) & has_rv
+    heart = epi | rv_out
+
+    # --- mediastinum around the heart clears the lungs; patchy epicardial fat
+    rho_med = _rho(X, Y, cx, cy, r_epi + 4, (r_epi + 4) * e, th)
+    rho_medrv = _rho(X, Y, rvx, rvy, rv_b + rv_wall_t + 3, rv_a + rv_wall_t + 3, ang)
+    med = ((rho_med < 1.0) | ((rho_medrv < 1.0) & has_rv)) & inner
+    paint(med & ~heart, SOFT)
+    rho_fat = _rho(X, Y, cx, cy, r_epi + fat_w, (r_epi + fat_w) * e, th) - epi_w
+    rho_fatrv = _rho(X, Y, rvx, rvy, rv_b + rv_wall_t + fat_w, rv_a + rv_wall_t + fat_w, ang)
+    patch = z.wobble(patch_h) > patch_level
+    fat_ring = ((rho_fat < 1.0) | ((rho_fatrv < 1.0) & has_rv)) & ~heart & patch
+    paint(fat_ring & inner, PERI_FAT)
+    paint(rv_out & ~epi, RV_WALL)
+    paint(rv_cav, RV_BLOOD)
+    paint(epi, MYO)
+    paint(cav, LV_BLOOD)
+    # open ring at the base: left-ventricular outflow tract on the RV side (label 0)
+    paint((z.cos_to(phi_gap) > np.cos(gap_w)) & (t < t_gap) & epi & ~cav, OUTFLOW)
+    # papillary muscles inside the cavity (labelled as LV cavity, like ACDC)
+    for pa, pr in papillary:
+        px, py = cx + 0.6 * r_endo * np.cos(pa), cy + 0.6 * r_endo * np.sin(pa)
+        present = (t > 0.2) & (t < 0.75) & (r_endo > 3 * pr)
+        paint((_rho(X, Y, px, py, pr, pr, 0.0) < 1.0) & cav & present, PAPILLARY)
+    return tissue
+
+
+def _labels_from_tissue(tissue: np.ndarray) -> np.ndarray:
+    seg = np.zeros(tissue.shape, dtype=np.uint8)
+    seg[tissue == RV_BLOOD] = 1
+    seg[tissue == MYO] = 2
+    seg[(tissue == LV_BLOOD) | (tissue == PAPILLARY)] = 3
+    return seg
+
+
+def _make_frame(pat: PatientParams, site: SiteParams, frame: str, n: int, anatomy_seed: list[int],
+                noise_rng: np.random.Generator, patient_gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One frame: stored image (Z, n, n) int16 and labels (Z, n, n) uint8."""
+    z = pat.slices
+    centres = np.arange(z) * site.slice_spacing
+    offsets = np.array([-1.0, 0.0, 1.0]) * site.slice_thickness / 3.0
+    depths = (centres[:, None] + offsets[None, :]).reshape(-1)
+    tissue = _render(pat, site, frame, n, depths, np.random.default_rng(anatomy_seed), sub=3)
+    tissue = tissue.reshape(z, 3, n, n)
+    labels = _labels_from_tissue(tissue[:, 1])
+
+    f32 = np.float32
+    lut = (np.clip(BASE_INTENSITY * np.asarray(site.tissue_gain) * patient_gain, 0.0, 1.0) ** site.gamma).astype(f32)
+    tex_rng = np.random.default_rng(anatomy_seed + [7])  # texture is anatomy: same in ED and ES
+    texture = _smooth_noise(tex_rng, (z, n, n), 2.0)
+    texture *= f32(site.texture_amplitude)
+    texture += f32(1.0)
+    img = lut[tissue].mean(axis=1, dtype=f32)
+    img *= texture
+    # blood signal varies with flow: smooth +-6 % modulation inside the blood pools
+    flow = _smooth_noise(noise_rng, (z, n, n), 4.0)
+    blood = (tissue[:, 1] == LV_BLOOD) | (tissue[:, 1] == RV_BLOOD) | (tissue[:, 1] == AORTA)
+    img[blood] *= 1.0 + 0.06 * flow[blood]
+    img = _gaussian_blur(img, site.psf_sigma_px)
+    if site.ghost_amplitude > 0:  # phase-encode ghost from breathing / arrhythmia
+        img += f32(site.ghost_amplitude) * np.roll(img, n // 2, axis=1)
+    # smooth multiplicative bias field (receive-coil shading), site pattern + patient jitter
+    g = np.linspace(-1.0, 1.0, n)
+    gy, gx = g[None, :, None], g[None, None, :]
+    gz = np.linspace(-1.0, 1.0, z)[:, None, None] if z > 1 else np.zeros((1, 1, 1))
+    c = np.asarray(site.bias_coeffs) * noise_rng.uniform(0.7, 1.3, 6)
+    bias = np.exp(c[0] * gx + c[1] * gy + c[2] * gx * gy + c[3] * gx ** 2 + c[4] * gy ** 2 + c[5] * gz)
+    img *= (bias / bias.mean()).astype(f32)
+    sigma = f32(site.noise_std)
+    noise = noise_rng.standard_normal(img.shape, dtype=f32)
+    noise *= sigma
+    img += noise
+    if site.noise_type == "rician":  # magnitude of a complex signal with noise in both channels
+        noise = noise_rng.standard_normal(img.shape, dtype=f32)
+        noise *= sigma
+        img = np.hypot(img, noise)
+    else:
+        np.maximum(img, 0.0, out=img)
+    stored = np.clip(np.rint(img * site.intensity_max), 0, np.iinfo(np.int16).max).astype(np.int16)
+    return stored, labels
+
+
+def _affine(site: SiteParams, n: int, z: int) -> np.ndarray:
+    """Voxel (i=x, j=y, k=slice) to mm: spacing on the diagonal, FOV centred on the origin."""
+    s = (site.spacing_xy, site.spacing_xy, site.slice_spacing)
+    aff = np.diag([*s, 1.0])
+    aff[:3, 3] = [-(n - 1) / 2 * s[0], -(n - 1) / 2 * s[1], -(z - 1) / 2 * s[2]]
+    return aff
+
+
+def _save_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(zyx.transpose(2, 1, 0)), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+_ALLOCATOR_TUNED = False
+
+
+def _tune_allocator() -> None:
+    """Let glibc keep freed memory for reuse (once per process; no-op elsewhere).
+
+    Rendering allocates many short-lived multi-MB arrays; with glibc's default trimming
+    each one is fresh memory and page faults dominate (measured ~1.7x slower). The values
+    set here are the ceilings glibc's own dynamic thresholds grow to on 64-bit Linux.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024 * 1024)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
+                     image_size: int = 128, spacing: float = 1.5) -> Path:
+    """Write the multi-site synthetic dataset in ACDC layout and return the manifest path.
+
+    Layout: ``<out>/site_XX/patientNNN/patientNNN_frameFF.nii.gz`` (+ ``_gt``) for the
+    ED and ES frames, ``Info.cfg`` per patient, and ``<out>/manifest.json``. Patient
+    numbers are unique across the dataset. Arrays are identical for the same arguments.
+
+    Raises:
+        DataError: ``out`` exists and is not empty, or an argument is out of range.
+    """
+    out = Path(out)
+    if sites < 1 or patients_per_site < 1:
+        raise DataError(out, f"need at least one site and one patient, got sites={sites}, "
+                             f"patients_per_site={patients_per_site}")
+    if image_size < 16 or not spacing > 0:
+        raise DataError(out, f"image_size must be >= 16 and spacing > 0, got {image_size}, {spacing}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(out, "already exists and is not empty; choose a new folder or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    _tune_allocator()
+    width = max(3, len(str(sites * patients_per_site)))
+    manifest: dict = {
+        "generator": "fcl-flower synthetic cardiac MRI",
+        "version": GENERATOR_VERSION,
+        "format": "acdc",
+        "seed": seed,
+        "params": {"sites": sites, "patients_per_site": patients_per_site,
+                   "image_size": image_size, "spacing": spacing},
+        "labels": LABELS,
+        "tissues": list(TISSUES),
+        "sites": [],
+        "site_params": {},
+        "patients": {},
+    }
+    for s in range(sites):
+        site = _site_params(seed, s, sites, spacing)
+        site_dir = out / site.name
+        site_dir.mkdir()
+        manifest["sites"].append(site.name)
+        manifest["site_params"][site.name] = asdict(site)
+        manifest["patients"][site.name] = []
+        for p in range(patients_per_site):
+            number = s * patients_per_site + p + 1
+            pid = f"patient{number:0{width}d}"
+            pat_seed = [seed, 0xCA4D, s, p]
+            pat = _patient_params(np.random.default_rng(pat_seed + [0]), site)
+            noise_rng = np.random.default_rng(pat_seed + [1])
+            patient_gain = noise_rng.uniform(0.95, 1.05, len(TISSUES))
+            pdir = site_dir / pid
+            pdir.mkdir()
+            affine = _affine(site, image_size, pat.slices)
+            for frame, number_f in (("ED", 1), ("ES", pat.es_frame)):
+                img, lab = _make_frame(pat, site, frame, image_size, pat_seed + [2], noise_rng, patient_gain)
+                stem = f"{pid}_frame{number_f:02d}"
+                _save_nifti(pdir / f"{stem}.nii.gz", img, affine)
+                _save_nifti(pdir / f"{stem}_gt.nii.gz", lab, affine)
+            (pdir / "Info.cfg").write_text(
+                f"ED: 1\nES: {pat.es_frame}\nGroup: {pat.group}\nHeight: {pat.height_cm}\n"
+                f"NbFrame: {pat.nb_frames}\nWeight: {pat.weight_kg}\n"
+            )
+            manifest["patients"][site.name].append(pid)
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int, seed: int,
+                           image_size: int, spacing: float) -> Path:
+    """The built-in synthetic dataset for these settings, generated once under ``cache_root``.
+
+    Safe when several processes ask at once: each generates into a private temporary
+    folder and renames it into place; the loser discards its copy (outputs are identical).
+    Returns the dataset folder (one sub-folder per site).
+    """
+    cache_root = Path(cache_root).expanduser()
+    key = f"v{GENERATOR_VERSION}_sites{sites}_p{patients_per_site}_seed{seed}_n{image_size}_sp{spacing:g}"
+    final = cache_root / key
+    if (final / "manifest.json").is_file():
+        return final
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,135 @@
+"""The synthetic multi-site cardiac MRI generator."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fcl_flower.data.errors import DataError
+from fcl_flower.data.synthetic import ensure_builtin_dataset, generate_dataset
+
+
+def _frames(root, site, patient):
+    """[(image (Z,H,W), label (Z,H,W), nibabel image)] for the ED and ES frames."""
+    pdir = root / site / patient
+    out = []
+    for img_path in sorted(p for p in pdir.glob(f"{patient}_frame*.nii.gz") if "_gt" not in p.name):
+        img = nib.load(img_path)
+        lab = nib.load(str(img_path).replace(".nii.gz", "_gt.nii.gz"))
+        out.append((np.asarray(img.dataobj).transpose(2, 1, 0), np.asarray(lab.dataobj).transpose(2, 1, 0), img, lab))
+    return out
+
+
+def test_layout_manifest_info(tiny_synthetic):
+    manifest = json.loads((tiny_synthetic / "manifest.json").read_text())
+    assert manifest["sites"] == ["site_00", "site_01"]
+    assert manifest["seed"] == 0 and manifest["format"] == "acdc"
+    assert set(manifest["site_params"]["site_00"]) >= {"spacing_xy", "slices", "noise_type", "intensity_max"}
+    ids = [p for site in manifest["sites"] for p in manifest["patients"][site]]
+    assert len(ids) == len(set(ids)) == 4  # unique across the whole dataset
+    for site in manifest["sites"]:
+        for pid in manifest["patients"][site]:
+            pdir = tiny_synthetic / site / pid
+            info = dict(line.split(": ") for line in (pdir / "Info.cfg").read_text().splitlines())
+            assert set(info) == {"ED", "ES", "Group", "Height", "NbFrame", "Weight"}
+            assert info["Group"] in {"NOR", "MINF", "DCM", "HCM", "RV"}
+            for frame in (int(info["ED"]), int(info["ES"])):
+                assert (pdir / f"{pid}_frame{frame:02d}.nii.gz").is_file()
+                assert (pdir / f"{pid}_frame{frame:02d}_gt.nii.gz").is_file()
+
+
+def test_nifti_affine_dtypes_labels(tiny_synthetic):
+    manifest = json.loads((tiny_synthetic / "manifest.json").read_text())
+    for site in manifest["sites"]:
+        params = manifest["site_params"][site]
+        for pid in manifest["patients"][site]:
+            for image, label, img, lab in _frames(tiny_synthetic, site, pid):
+                assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+                zooms = img.header.get_zooms()
+                assert zooms == pytest.approx((params["spacing_xy"], params["spacing_xy"], params["slice_spacing"]), rel=1e-4)
+                assert np.allclose(np.diag(img.affine)[:3], zooms, rtol=1e-4)
+                centre = img.affine @ np.array([(48 - 1) / 2, (48 - 1) / 2, (image.shape[0] - 1) / 2, 1.0])
+                assert np.allclose(centre[:3], 0.0, atol=1e-3)  # FOV centred on the origin
+                assert np.allclose(img.affine, lab.affine)
+                assert set(np.unique(label)) <= {0, 1, 2, 3}
+                mid = label[image.shape[0] // 2]
+                assert set(np.unique(mid)) == {0, 1, 2, 3}
+                assert image.min() >= 0 and image.max() > 0
+
+
+def test_base_to_apex_anatomy(tiny_synthetic):
+    for site, pid in (("site_00", "patient001"), ("site_01", "patient003")):
+        image, label, _, _ = _frames(tiny_synthetic, site, pid)[0]  # ED
+        lv = (label == 3).sum(axis=(1, 2))
+        rv = (label == 1).sum(axis=(1, 2))
+        z = len(lv)
+        assert lv[0] > lv[z // 2] > lv[-1]  # LV cavity shrinks towards the apex
+        assert np.all(np.diff(lv[1:]) <= 0)
+        assert rv[0] > 0 and rv[-1] == 0  # RV gone at the apex slice
+        assert (label[-1] == 2).sum() > 0 or (label[-2] == 2).sum() > 0  # apical myocardium cap
+
+
+def test_es_smaller_cavity_thicker_wall(tiny_synthetic):
+    (ed_img, ed, _, _), (es_img, es, _, _) = _frames(tiny_synthetic, "site_00", "patient001")
+    assert (es == 3).sum() < 0.8 * (ed == 3).sum()
+    k = ed.shape[0] // 2
+    ratio_ed = (ed[k] == 2).sum() / max((ed[k] == 3).sum(), 1)
+    ratio_es = (es[k] == 2).sum() / max((es[k] == 3).sum(), 1)
+    assert ratio_es > ratio_ed
+    # the surroundings do not move between frames: same anatomy outside the heart
+    outside = (ed == 0) & (es == 0)
+    corr = np.corrcoef(ed_img[outside].astype(float), es_img[outside].astype(float))[0, 1]
+    assert corr > 0.8
+
+
+def test_sites_differ(tmp_path):
+    root = tmp_path / "d"
+    generate_dataset(root, sites=3, patients_per_site=2, seed=5, image_size=48)
+    manifest = json.loads((root / "manifest.json").read_text())
+    p0, p1 = manifest["site_params"]["site_00"], manifest["site_params"]["site_01"]
+    assert p0["noise_type"] != p1["noise_type"]
+    assert p0["spacing_xy"] != p1["spacing_xy"] and p0["slices"] != p1["slices"]
+    stats = {}
+    for site in ("site_00", "site_01"):
+        shapes, values, noise = [], [], []
+        for pid in manifest["patients"][site]:
+            for image, label, img, _ in _frames(root, site, pid):
+                shapes.append(image.shape[0])
+                values.append(np.percentile(image, 99))
+                noise.append(np.std(np.diff(image[:, :4, :].astype(float), axis=2)))  # air above the chest
+        stats[site] = (np.mean(shapes), np.mean(values), np.mean(noise))
+        assert all(abs(s - manifest["site_params"][site]["slices"]) <= 1 for s in shapes)
+    (z0, v0, n0), (z1, v1, n1) = stats["site_00"], stats["site_01"]
+    assert abs(v0 - v1) / max(v0, v1) > 0.1  # intensity scale
+    assert abs(n0 - n1) / max(n0, n1) > 0.1 or p0["noise_std"] != p1["noise_std"]
+
+
+def test_deterministic_and_seeded(tmp_path, tiny_synthetic):
+    again = tmp_path / "again"
+    generate_dataset(again, sites=2, patients_per_site=2, seed=0, image_size=48)
+    other = tmp_path / "other"
+    generate_dataset(other, sites=2, patients_per_site=2, seed=1, image_size=48)
+    a = _frames(tiny_synthetic, "site_01", "patient004")
+    b = _frames(again, "site_01", "patient004")
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    c = _frames(other, "site_01", "patient004")
+    assert a[0][0].shape != c[0][0].shape or not np.array_equal(a[0][0], c[0][0])
+
+
+def test_refuses_non_empty_folder_and_bad_args(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError) as err:
+        generate_dataset(tmp_path / "x", sites=1, patients_per_site=1, seed=0, image_size=32)
+    assert err.value.path == tmp_path / "x" and "not empty" in str(err.value)
+    with pytest.raises(DataError):
+        generate_dataset(tmp_path / "y", sites=0, patients_per_site=1, seed=0)
+
+
+def test_builtin_dataset_generated_once(tmp_path):
+    first = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    second = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5)
+    assert first == second and (second / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folders left
