@@ -21,18 +21,25 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    import time
+
     from fcl_flower.data.synthetic import generate_dataset
 
     cfg = load_config(args.overrides, args.config_file)
+    sites = args.sites if args.sites is not None else cfg.sites
+    patients = args.patients_per_site if args.patients_per_site is not None else cfg.synthetic.patients_per_site
+    seed = args.seed if args.seed is not None else cfg.seed
+    start = time.perf_counter()
     manifest = generate_dataset(
         Path(args.out),
-        sites=args.sites,
-        patients_per_site=args.patients_per_site,
-        seed=args.seed,
+        sites=sites,
+        patients_per_site=patients,
+        seed=seed,
         image_size=cfg.synthetic.image_size,
         spacing=cfg.synthetic.spacing,
     )
-    print(f"wrote {args.sites} sites x {args.patients_per_site} patients to {args.out} (manifest: {manifest})")
+    print(f"wrote {sites} sites x {patients} patients to {args.out} in "
+          f"{time.perf_counter() - start:.1f} s (manifest: {manifest})")
     return 0
 
 
@@ -84,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic", help="write the multi-site synthetic cardiac MRI dataset as NIfTI")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
-    p.add_argument("--sites", type=int, default=10)
-    p.add_argument("--patients-per-site", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sites", type=int, default=None, help="default: config 'sites'")
+    p.add_argument("--patients-per-site", type=int, default=None, help="default: config 'synthetic.patients_per_site'")
+    p.add_argument("--seed", type=int, default=None, help="default: config 'seed'")
     _add_config_args(p)
     p.set_defaults(func=_cmd_make_synthetic)
 
@@ -123,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from fcl_flower.data.errors import DataError
     from fcl_flower.processes import FlowerProcessError
 
     try:
         return func(args)
-    except (ConfigError, FlowerProcessError) as exc:
+    except (ConfigError, DataError, FlowerProcessError) as exc:
         print(f"fcl-flower: {exc}", file=sys.stderr)
         return 2
 
