@@ -604,3 +604,119 @@ def write_overlay_png(examples: dict[str, np.ndarray], path: Path, title: str, n
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- what a site does with its own disk
+
+
+def labeled_volumes(volumes: Sequence[object]) -> list[LabeledVolume]:
+    """The labeled ones of preprocessed volumes (``data.preprocess.Volume``: ``image``, ``label``,
+    ``record.patient``, ``spacing``), as ``LabeledVolume``; unlabeled volumes (4D frames) are skipped."""
+    out = []
+    for v in volumes:
+        if getattr(v, "label", None) is None:
+            continue
+        record = v.record
+        name = Path(str(record.image)).name.split(".")[0]
+        frame = getattr(record, "frame", None)
+        if frame is not None and f"frame{int(frame):02d}" not in name:
+            name = f"{name}_frame{int(frame):02d}"
+        out.append(LabeledVolume(v.image, v.label, str(record.patient), tuple(float(s) for s in v.spacing), name))
+    return out
+
+
+def write_overlays(
+    folder: Path, stem: str, title: str, volumes: Sequence[LabeledVolume], predictions: Sequence[np.ndarray],
+    cfg: DictConfig,
+) -> Path | None:
+    """``<folder>/<stem>.png`` (image | ground truth | prediction grid) and ``<stem>.npz`` (the same slices).
+
+    Written on the site's own disk; nothing of it travels to the server.
+    """
+    examples = overlay_examples(volumes, predictions, cfg.finetune.overlay_slices)
+    if not examples:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / f"{stem}.npz", **examples)
+    return write_overlay_png(examples, folder / f"{stem}.png", title, cfg.model.num_classes)
+
+
+LOCAL_ENCODER_FILE = "local_pretrained.npz"
+
+
+def local_pretrain(
+    start_weights: Sequence[np.ndarray], volumes: list[np.ndarray], cfg: DictConfig, state_dir: Path, fingerprint: str
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Contrastive pre-training of one site alone (``finetune.init = local_pretrain``), Chaitanya et al. style.
+
+    ``rounds`` rounds of ``pretrain.pretrain_round`` with this site's volumes only, each
+    starting from the previous round's weights (nothing is averaged with other sites;
+    no remote bank). The result is cached in ``state_dir`` under ``fingerprint`` (the
+    config that produced it), so a resumed run does not train again.
+
+    Args:
+        start_weights: encoder + head weights (``models.get_weights`` order) to start from.
+        volumes: the site's (Z, H, W) training volumes (labels are not used).
+
+    Returns:
+        (encoder + head weights, metrics: ``loss`` of the last round, ``rounds``, ``seconds``).
+    """
+    from fcl_flower.pretrain import pretrain_round
+
+    cache = state_dir / LOCAL_ENCODER_FILE
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as saved:
+            if str(saved["fingerprint"]) == fingerprint:
+                n = int(saved["count"])
+                return [saved[f"w{i}"] for i in range(n)], {"loss": float(saved["loss"]), "rounds": float(cfg.rounds), "seconds": 0.0}
+    work = state_dir / "local_pretrain"
+    if work.exists():  # an interrupted earlier attempt: start over (its weights were not kept)
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    weights, loss = list(start_weights), float("nan")
+    for r in range(1, cfg.rounds + 1):
+        result = pretrain_round(weights, None, volumes, cfg, work, r)
+        weights, loss = result.weights, float(result.metrics["loss"])
+    tmp = cache.with_name(f".{cache.name}.tmp.npz")
+    np.savez(tmp, fingerprint=np.array(fingerprint), count=np.array(len(weights)), loss=np.array(loss),
+             **{f"w{i}": w for i, w in enumerate(weights)})
+    tmp.replace(cache)
+    return weights, {"loss": loss, "rounds": float(cfg.rounds), "seconds": time.perf_counter() - t0}
+
+
+# keys that do not change what a fine-tuning cell computes (where it is written, which
+# other cells are asked for, how long the server waits, Flower's sampling settings)
+_NEUTRAL_KEYS = (
+    "resume", "output_dir", "stages", "federation", "finetune.n_labeled", "finetune.tasks",
+    "finetune.local_timeout", "finetune.overlay_slices", "deploy",
+)
+
+
+def config_fingerprint(cfg: DictConfig, *extra: str) -> str:
+    """SHA-256 (hex, 16 chars) of the config minus ``_NEUTRAL_KEYS``, plus ``extra`` strings.
+
+    Two runs whose fingerprints match compute the same numbers for the same cell.
+    """
+    import json
+
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NEUTRAL_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    text = json.dumps(data, sort_keys=True) + "|" + "|".join(extra)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_unet_from(cfg: DictConfig, weights: Sequence[np.ndarray]) -> UNet:
+    """A U-Net (``build_unet(cfg)``) holding ``weights`` (``unet_weights`` order)."""
+    model = build_unet(cfg)
+    set_unet_weights(model, weights)
+    return model

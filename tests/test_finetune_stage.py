@@ -1,0 +1,227 @@
+"""The fine-tuning stage through Flower's types, without Flower processes.
+
+``FinetuneClient`` is called directly on generated NIfTI data; ``run_finetune_stage`` is
+driven with in-process client proxies that hand each ``FitIns``/``EvaluateIns`` to the
+real client, so the server logic (cells, FedAvg, results files, resume) is exercised
+end to end in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Status
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from fcl_flower.client_app import SiteFailure, StageClient
+from fcl_flower.config import config_to_yaml
+from fcl_flower.finetune import initial_unet_weights, metric_keys
+from fcl_flower.finetune_stage import RESULTS_CSV, RESULTS_JSON, run_finetune_stage
+from fcl_flower.models import build_encoder, save_encoder
+
+torch.set_num_threads(1)
+MODEL = ["model.channels=[8,16,32]", "model.proj_hidden=16", "model.proj_dim=8"]
+FT = [
+    "finetune.folds=2", "finetune.n_labeled=[1]", "finetune.local_steps=2", "finetune.fed_local_steps=1",
+    "finetune.rounds=2", "finetune.batch_size=4", "finetune.overlay_slices=2",
+]
+
+
+@pytest.fixture
+def cfg_factory(small_cfg, tiny_synthetic, tmp_path):
+    def make(*overrides: str):
+        return small_cfg(
+            f"data.root={tiny_synthetic}", "sites=2", "stages=[finetune]", f"output_dir={tmp_path / 'run'}",
+            *MODEL, *FT, *overrides,
+        )
+
+    return make
+
+
+def _message(cfg, **extra: Any) -> dict[str, Any]:
+    return {"config": config_to_yaml(cfg), "stage": "finetune", "round": 0, **extra}
+
+
+def test_finetune_client_fit_and_evaluate(cfg_factory, tmp_path: Path) -> None:
+    cfg = cfg_factory()
+    client = StageClient({"partition-id": 0})
+    init = initial_unet_weights(cfg, None)
+    weights, n, metrics = client.fit(init, _message(cfg, task="federated", n_labeled=1, fold=0, round=1))
+    assert len(weights) == len(init) and n > 0 and metrics["site"] == "site_00"
+    assert np.isfinite(metrics["loss"])
+    assert any(not np.array_equal(a, b) for a, b in zip(weights, init))  # it trained
+    loss, volumes, metrics = client.evaluate(weights, _message(cfg, task="federated", n_labeled=1, fold=0))
+    assert volumes == 2  # one held-out patient: ED + ES
+    assert set(metric_keys(4)) <= set(metrics) and 0.0 <= metrics["dice"] <= 1.0
+    assert loss == pytest.approx(1.0 - metrics["dice"])
+    overlays = tmp_path / "run" / "sites" / "site_00" / "finetune" / "overlays"
+    assert (overlays / "federated_n1.png").is_file() and (overlays / "federated_n1.npz").is_file()
+
+    weights, n, metrics = client.fit(init, _message(cfg, task="local", n_labeled="1"))
+    assert weights == [] and metrics["site"] == "site_00"
+    cell = json.loads(str(metrics["results"]))["1"]
+    assert [f["fold"] for f in cell["folds"]] == [0, 1]
+    assert all(len(f["labeled"]) == 1 and not set(f["labeled"]) & set(f["test"]) for f in cell["folds"])
+    assert np.isfinite(cell["dice"]) and np.isfinite(cell["hd95"])
+    assert (overlays / "local_n1.png").is_file()
+
+
+def test_finetune_client_failure_names_the_site(cfg_factory) -> None:
+    cfg = cfg_factory()
+    client = StageClient({"partition-id": 1})
+    with pytest.raises(SiteFailure, match=r"\[site=site_01\] ValueError: unknown fine-tuning task"):
+        client.fit(initial_unet_weights(cfg, None), _message(cfg, task="nope"))
+    with pytest.raises(SiteFailure, match=r"\[site=site_01\]"):
+        client.fit(initial_unet_weights(cfg, None)[:-1], _message(cfg, task="federated", n_labeled=1, fold=0, round=1))
+
+
+# ---------------------------------------------------------------- the server side, in process
+
+
+class InProcessProxy(ClientProxy):
+    """A client proxy that runs the real ``StageClient`` of one simulated site in this process."""
+
+    def __init__(self, partition: int, calls: list[tuple[str, str]], fail: bool = False) -> None:
+        super().__init__(cid=str(1000 + partition))
+        self.client = StageClient({"partition-id": partition}).to_client()
+        self.calls = calls
+        self.fail = fail
+
+    def fit(self, ins: FitIns, timeout, group_id) -> FitRes:
+        self.calls.append(("fit", str(ins.config["task"])))
+        if self.fail:
+            raise RuntimeError(f"[site=site_0{int(self.cid) - 1000}] RuntimeError: disk on fire")
+        return self.client.fit(ins)
+
+    def evaluate(self, ins: EvaluateIns, timeout, group_id) -> EvaluateRes:
+        self.calls.append(("evaluate", str(ins.config["task"])))
+        return self.client.evaluate(ins)
+
+    def get_properties(self, ins, timeout, group_id):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # pragma: no cover - unused
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # pragma: no cover - unused
+        raise NotImplementedError
+
+
+class StubServer:
+    """What ``run_finetune_stage`` uses of ``FCLServer``."""
+
+    def __init__(self, cfg, fail_site: int | None = None) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.max_workers = None
+        self.calls: list[tuple[str, str]] = []
+        self.lines: list[str] = []
+        self.recorder = type("Recorder", (), {"echo": staticmethod(self.lines.append)})()
+        self._manager = SimpleClientManager()
+        for p in range(cfg.sites):
+            self._manager.register(InProcessProxy(p, self.calls, fail=p == fail_site))
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.output_dir / "encoder.pt"
+
+    def client_manager(self) -> SimpleClientManager:
+        return self._manager
+
+
+def test_stage_cells_results_files_and_resume(cfg_factory) -> None:
+    cfg = cfg_factory()
+    server = StubServer(cfg)
+    assert run_finetune_stage(server, None) == 0
+    results = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
+    assert sorted(results["cells"]) == ["federated/1", "local/1"]
+    for cell in results["cells"].values():
+        assert cell["complete"] and sorted(cell["sites"]) == ["site_00", "site_01"]
+        assert np.isfinite(cell["dice_mean"]) and np.isfinite(cell["dice_std"])
+        assert cell["dice_mean"] == pytest.approx(np.mean([s["dice"] for s in cell["sites"].values()]))
+    csv_text = (server.output_dir / "finetune" / RESULTS_CSV).read_text().splitlines()
+    assert csv_text[0].startswith("method,finetune,n_labeled,site,dice,dice_rv,dice_myo,dice_lv,hd95")
+    assert len(csv_text) == 1 + 2 * (2 + 2)  # 2 cells x (2 sites + mean + std)
+    assert any(line.startswith("[fcl] finetune local N=1") for line in server.lines)
+    assert any(line.startswith("[fcl] finetune federated N=1 fold 1 round 2/2") for line in server.lines)
+    # 1 local message per site; per fold: 2 rounds x 2 sites fits + 2 evaluations
+    assert server.calls.count(("fit", "local")) == 2
+    assert server.calls.count(("fit", "federated")) == 2 * 2 * 2
+    assert server.calls.count(("evaluate", "federated")) == 2 * 2
+    rounds = (server.output_dir / "finetune" / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 2 * 2
+
+    # resume: finished cells are not recomputed
+    idle = StubServer(cfg_factory("resume=true"))
+    assert run_finetune_stage(idle, None) == 0
+    assert idle.calls == []
+    assert any("2 cells already in" in line for line in idle.lines)
+    assert json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"] == results["cells"]
+    # without resume everything is computed again
+    fresh = StubServer(cfg_factory("finetune.tasks=[local]"))
+    run_finetune_stage(fresh, None)
+    assert fresh.calls == [("fit", "local"), ("fit", "local")]
+    assert sorted(json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"]) == ["local/1"]
+    # resume with another task asked for: only its cells are computed
+    more = StubServer(cfg_factory("resume=true"))
+    run_finetune_stage(more, None)
+    assert ("fit", "local") not in more.calls and ("fit", "federated") in more.calls
+    # a changed setting changes the fingerprint: the cell is computed again
+    changed = StubServer(cfg_factory("finetune.tasks=[local]", "finetune.local_steps=3", "resume=true"))
+    run_finetune_stage(changed, None)
+    assert changed.calls == [("fit", "local"), ("fit", "local")]
+
+
+def test_stage_is_reproducible_and_uses_the_pretrained_encoder(cfg_factory, tmp_path: Path) -> None:
+    encoder = build_encoder(cfg_factory())
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.mul_(3.0)
+    save_encoder(encoder, tmp_path / "enc.pt")
+    out = []
+    for name in ("a", "b"):
+        cfg = cfg_factory("finetune.tasks=[federated]", f"finetune.encoder={tmp_path / 'enc.pt'}",
+                          f"output_dir={tmp_path / name}", "finetune.run_folds=1")
+        server = StubServer(cfg)
+        run_finetune_stage(server, None)
+        out.append(json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text()))
+    assert out[0]["cells"]["federated/1"]["sites"] == out[1]["cells"]["federated/1"]["sites"]
+    assert "encoder:" in out[0]["init"] or out[0]["init"] == "auto"
+    random_cfg = cfg_factory("finetune.tasks=[federated]", f"output_dir={tmp_path / 'r'}", "finetune.run_folds=1")
+    server = StubServer(random_cfg)
+    run_finetune_stage(server, None)
+    rnd = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
+    assert rnd["fingerprint"] != out[0]["fingerprint"]
+
+
+def test_stage_reports_a_failing_site_and_leaves_the_cell_incomplete(cfg_factory) -> None:
+    cfg = cfg_factory("finetune.tasks=[local]")
+    server = StubServer(cfg, fail_site=1)
+    assert run_finetune_stage(server, None) == 1
+    cell = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"]["local/1"]
+    assert not cell["complete"] and cell["failures"] == [{"site": "site_01", "reason": "RuntimeError: disk on fire"}]
+    assert sorted(cell["sites"]) == ["site_00"]
+    assert any("site site_01 failed: RuntimeError: disk on fire" in line for line in server.lines)
+    # resume recomputes the incomplete cell
+    healed = StubServer(cfg_factory("finetune.tasks=[local]", "resume=true"))
+    assert run_finetune_stage(healed, None) == 0
+    assert healed.calls.count(("fit", "local")) == 2
+
+
+def test_local_pretrain_init(cfg_factory) -> None:
+    cfg = cfg_factory("method=local_cl", "finetune.init=local_pretrain", "rounds=1", "pretrain.batch_volumes=2",
+                      "pretrain.max_steps_per_round=1", "finetune.run_folds=1", "finetune.rounds=1")
+    server = StubServer(cfg)
+    assert run_finetune_stage(server, None) == 0
+    assert server.calls.count(("fit", "local_pretrain")) == 2
+    assert any("local pre-training" in line for line in server.lines)
+    cached = server.output_dir / "sites" / "site_00" / "finetune" / "local_pretrained.npz"
+    assert cached.is_file()
+    results = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
+    assert all(np.isfinite(c["dice_mean"]) for c in results["cells"].values())
