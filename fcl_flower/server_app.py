@@ -204,6 +204,13 @@ def _numbers(values: dict[str, Any]) -> dict[str, int | float]:
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def weighted_metrics(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
+    """Example-weighted mean of every numeric metric the sites reported (Flower's hook)."""
+    total = sum(n for n, _ in metrics)
+    keys = sorted({k for _, m in metrics for k in _numbers(m)})
+    return {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in keys} if total else {}
+
+
 def describe_failure(failure: Any) -> dict[str, str]:
     """``{"site": ..., "reason": ...}`` for an exception or a ``(proxy, res)`` failure."""
     if isinstance(failure, BaseException):
@@ -238,6 +245,8 @@ def server_fn(context: Context) -> ServerAppComponents:
         ndarrays_to_parameters(initial_weights(cfg)),
         on_fit_config_fn=round_config,
         on_evaluate_config_fn=round_config,
+        fit_metrics_aggregation_fn=weighted_metrics,
+        evaluate_metrics_aggregation_fn=weighted_metrics,
     )
     server = FCLServer(cfg, FeatureExchange.from_config(strategy, cfg))
     return ServerAppComponents(

@@ -1,0 +1,99 @@
+"""Site resolution, per-round site state, and the NumPyClients called directly on NIfTI data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcl_flower.client_app import FCLClient, SiteFailure, StageClient
+from fcl_flower.config import config_to_yaml
+from fcl_flower.data.datasets import VolumeRecord
+from fcl_flower.server_app import describe_failure
+from fcl_flower.site import RoundStateStore, resolve_site, split_holdout
+from fcl_flower.wire import bank_from_metrics, remote_bank_to_config
+
+TINY = ["model.channels=[8,16,32]", "model.proj_hidden=32", "model.proj_dim=16", "pretrain.queue_size=32",
+        "pretrain.bank_sample_size=32", "data.holdout_fraction=0.5"]
+
+
+def test_round_state_store_starts_each_round_from_the_previous_commit(tmp_path: Path):
+    store = RoundStateStore(tmp_path / "state", keep=2)
+    work = store.checkout(1)
+    assert list(work.iterdir()) == []
+    (work / "queue.txt").write_text("after round 1")
+    store.commit(1, work)
+    work = store.checkout(2)
+    assert (work / "queue.txt").read_text() == "after round 1"
+    (work / "queue.txt").write_text("after round 2")
+    store.commit(2, work)
+    # Round 2 run again (server resumed): it starts from round 1's state, not its own.
+    again = store.checkout(2)
+    assert (again / "queue.txt").read_text() == "after round 1"
+    store.commit(2, again)
+    work = store.checkout(3)
+    store.commit(3, work)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["round-00002", "round-00003"]
+    # A site that missed rounds continues from its last commit.
+    assert store.latest_before(9).name == "round-00003"
+
+
+def test_split_holdout_is_by_patient_deterministic_and_keeps_training_data():
+    records = [VolumeRecord("s", f"p{i}", Path(f"p{i}_{f}.nii.gz"), None, f) for i in range(5) for f in (1, 9)]
+    train, held = split_holdout(records, 0.4, seed=0, site="s")
+    assert len(held) == 4 and len(train) == 6
+    assert {r.patient for r in train}.isdisjoint({r.patient for r in held})
+    assert split_holdout(records, 0.4, seed=0, site="s") == (train, held)
+    train1, held1 = split_holdout(records[:2], 0.9, seed=0, site="s")
+    assert len({r.patient for r in train1}) == 1
+
+
+def test_resolve_site_for_simulation_and_deployment(tiny_synthetic: Path, small_cfg, tmp_path: Path):
+    cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run7'}")
+    site = resolve_site(cfg, {"partition-id": 1, "num-partitions": 2})
+    assert site.name == "site_01" and site.state_dir == tmp_path / "run7" / "sites" / "site_01"
+    assert site.records and all(r.site == "site_01" for r in site.records)
+    deployed = resolve_site(cfg, {"data-dir": str(tiny_synthetic / "site_00"), "site-name": "hospital-a",
+                                  "state-dir": str(tmp_path / "state")})
+    assert deployed.name == "hospital-a" and deployed.state_dir == tmp_path / "state" / "run7"
+    with pytest.raises(ValueError, match="partition-id"):
+        resolve_site(cfg, {})
+
+
+def test_pretrain_client_fit_and_evaluate_on_generated_nifti(tiny_synthetic: Path, small_cfg, tmp_path: Path):
+    from fcl_flower.pretrain import initial_weights
+
+    cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run'}", *TINY)
+    client = StageClient({"partition-id": 0})
+    message = {"config": config_to_yaml(cfg), "stage": "pretrain", "round": 1}
+    start = initial_weights(cfg)
+    weights, n, metrics = client.fit(start, message)
+    assert len(weights) == len(start) and n > 0 and metrics["site"] == "site_00"
+    assert any(not np.array_equal(a, b) for a, b in zip(weights, start))
+    features, parts = bank_from_metrics(metrics)
+    assert features.shape[1] == 16 and len(parts) == len(features) > 0
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-4)
+    # Round 2 with a remote bank from "another site".
+    remote = remote_bank_to_config(features[::-1].copy(), parts[::-1].copy(), n_sites=1)
+    weights2, _, metrics2 = client.fit(weights, {**message, "round": 2, **remote})
+    assert metrics2["remote_rows"] == len(features)
+    loss, n_eval, eval_metrics = client.evaluate(weights2, {**message, "round": 2})
+    assert n_eval > 0 and math.isfinite(loss) and eval_metrics["site"] == "site_00"
+    assert sorted(p.name for p in (tmp_path / "run" / "sites" / "site_00" / "pretrain").iterdir()) == [
+        "round-00001", "round-00002"]
+
+
+def test_a_site_error_is_reraised_naming_the_site(small_cfg, tmp_path: Path):
+    from fcl_flower.pretrain import initial_weights
+
+    cfg = small_cfg(f"output_dir={tmp_path / 'run'}", *TINY)
+    client = FCLClient({"data-dir": str(tmp_path / "no-such-folder"), "site-name": "hospital-b"})
+    with pytest.raises(SiteFailure) as err:
+        client.fit(initial_weights(cfg), {"config": config_to_yaml(cfg), "stage": "pretrain", "round": 1})
+    assert str(err.value).startswith("[site=hospital-b] DataError:") and "no-such-folder" in str(err.value)
+    # The server finds the site's name in Flower's wrapping of the client's exception.
+    wrapped = ValueError(f"Message contains an Error (reason: <'... Message: {err.value}'>)")
+    assert describe_failure(wrapped)["site"] == "hospital-b"
+    assert "DataError" in describe_failure(wrapped)["reason"]
