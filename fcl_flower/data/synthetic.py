@@ -402,9 +402,9 @@ def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np
     rvx, rvy = cx + dist * np.cos(ang), cy + dist * np.sin(ang)
     rv_wall_t = rng.uniform(2.5, 4.0)
     rv_h = _harmonics(rng, (2, 3, 6), 0.04)
-    fat_w = rng.uniform(1.5, 3.5)
+    fat_w = rng.uniform(1.0, 3.0)
     patch_h = _harmonics(rng, (1, 2, 3), 1.0)
-    patch_level = rng.uniform(-0.3, 0.3)
+    patch_level = rng.uniform(0.3, 0.9)  # fat covers part of the epicardium only
     gap_w = rng.uniform(0.35, 0.6)
     phi_gap = pat.rv_angle - np.pi + rng.uniform(-0.6, -0.2)  # in the LV frame
     t_gap = rng.uniform(0.04, 0.1)
