@@ -128,3 +128,13 @@ def test_builtin_synthetic_when_root_is_null(small_cfg, tmp_path):
     shutil.rmtree(tmp_path / "builtin")
     with pytest.raises(DataError):
         discover_sites(small_cfg(f"data.root={tmp_path / 'nope'}"))
+
+
+def test_dataerror_contract():
+    import pickle
+
+    err = DataError("/data/x.nii.gz", "broken")
+    assert isinstance(err, ValueError) and str(err) == "/data/x.nii.gz: broken"
+    assert err.problem == "broken" and str(err.path) == "/data/x.nii.gz"
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.path == err.path
