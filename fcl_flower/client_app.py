@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from fcl_flower.config import config_from_yaml
 from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
-from fcl_flower.wire import bank_to_metrics, remote_bank_from_config
+from fcl_flower.wire import SITE, bank_to_metrics, remote_bank_from_config
 
 SITE_TAG = "[site={}]"
 
@@ -240,6 +240,12 @@ class StageClient(NumPyClient):
         if stage not in STAGE_CLIENTS:
             raise SiteFailure(f"{SITE_TAG.format(self.node_config.get('site-name', '?'))} unknown stage {stage!r}")
         return STAGE_CLIENTS[stage](self.node_config)
+
+    def get_properties(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+        """``{"site": name}``: lets the server map this node to its site (config: a fit config)."""
+        with failures_named(self._site_label()):
+            cfg, _ = _SiteClient._config(config)
+            return {SITE: resolve_site(cfg, self.node_config).name}
 
     def get_parameters(self, config: Mapping[str, Scalar]) -> NDArrays:
         return self._client(config).get_parameters(config)

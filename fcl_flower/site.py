@@ -21,10 +21,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fcl_flower.config import with_overrides
-from fcl_flower.data.datasets import VolumeRecord, site_records_for_partition, site_records_from_dir
+from fcl_flower.data.datasets import VolumeRecord, dataset_root, site_records_for_partition, site_records_from_dir
 
 DEFAULT_STATE_ROOT = Path.home() / ".fcl-flower" / "sites"
-DEFAULT_SYNTHETIC_ROOT = Path.home() / ".cache" / "fcl-flower" / "synthetic"
 
 
 @dataclass(frozen=True)
@@ -37,34 +36,10 @@ class Site:
 
 
 def resolve_data_root(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``data.root`` set: the built-in synthetic data is generated on first use.
-
-    With ``data.format=synthetic`` and ``data.root=null`` the dataset for ``sites`` x
-    ``synthetic.patients_per_site`` is written once into a cache folder keyed by its
-    generator settings, and reused by later runs.
-    """
+    """``cfg`` with ``data.root`` set; the built-in synthetic data is generated on first use."""
     if cfg.data.root is not None:
         return cfg
-    if cfg.data.format != "synthetic":
-        raise ValueError(f"config key 'data.root' is null but data.format is {cfg.data.format!r}: give the dataset folder")
-    from fcl_flower.data.synthetic import generate_dataset
-
-    syn = cfg.synthetic
-    cache_root = Path(syn.cache_root).expanduser() if syn.cache_root else DEFAULT_SYNTHETIC_ROOT
-    root = cache_root / (
-        f"sites{cfg.sites}-patients{syn.patients_per_site}-seed{cfg.seed}-px{syn.image_size}-mm{syn.spacing:g}"
-    )
-    if not (root / "manifest.json").is_file():
-        staging = root.with_name(f".{root.name}.{uuid.uuid4().hex}")
-        generate_dataset(
-            staging, sites=cfg.sites, patients_per_site=syn.patients_per_site, seed=cfg.seed,
-            image_size=syn.image_size, spacing=syn.spacing,
-        )
-        try:
-            os.replace(staging, root)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(staging, ignore_errors=True)
-    return with_overrides(cfg, [f"data.root={root}"])
+    return with_overrides(cfg, [f"data.root={dataset_root(cfg)}"])
 
 
 def resolve_site(cfg: DictConfig, node_config: Mapping[str, object]) -> Site:

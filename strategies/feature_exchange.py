@@ -20,8 +20,11 @@ SuperNode restarts in deployment, so it is only a fallback name for clients that
 no ``site``. The wrapper learns a one-to-one mapping cid -> site from each round's results
 (a site reporting from a new cid replaces its old cid) and uses it in the next
 ``configure_fit`` to know whom a proxy belongs to. A proxy whose cid is not yet mapped
-(round 1, when no banks exist anyway, or a restarted SuperNode) gets no remote bank for
-that round, since its own bank could not be excluded.
+while banks are stored (a restarted SuperNode, or every node after the server resumed
+from a checkpoint) is asked for its site name with ``get_properties`` (its config is the
+round's fit config, so the client can resolve its site; the reply is
+``{"site": name}``). A proxy that does not answer gets no remote bank for that round,
+since its own bank could not be excluded.
 
 Rejected banks. An incoming bank that fails validation is logged (WARNING, naming the
 site and the reason), recorded in the round report and not stored; it never reaches
@@ -43,12 +46,13 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -116,6 +120,7 @@ class FeatureExchange(Strategy):
         max_rows: int,
         norm_tolerance: float,
         seed: int,
+        identify_timeout: float | None = None,
     ) -> None:
         super().__init__()
         for name, value, least in (
@@ -139,6 +144,7 @@ class FeatureExchange(Strategy):
         self.max_rows = max_rows
         self.norm_tolerance = norm_tolerance
         self.seed = seed
+        self.identify_timeout = identify_timeout
         self.fit_failures = 0
         """Failures (exceptions or non-OK results) seen by ``aggregate_fit`` in total."""
         self.rejected_banks = 0
@@ -164,6 +170,7 @@ class FeatureExchange(Strategy):
             max_rows=int(relay.max_rows),
             norm_tolerance=float(relay.norm_tolerance),
             seed=int(cfg.seed),
+            identify_timeout=cfg.federation.round_timeout,
         )
 
     def __repr__(self) -> str:
@@ -219,6 +226,8 @@ class FeatureExchange(Strategy):
                 record.down[proxy.cid] = self._down_entry(ins.parameters, {})
             return instructions
         relayed = {site: self._relayed_rows(site, server_round) for site in sorted(self._banks)}
+        if relayed:
+            self._identify([(p, ins) for p, ins in instructions if p.cid not in self._cid_to_site], server_round)
         out: list[tuple[ClientProxy, FitIns]] = []
         for proxy, ins in instructions:
             own = self._cid_to_site.get(proxy.cid)
@@ -388,6 +397,25 @@ class FeatureExchange(Strategy):
         if value is None:
             return proxy.cid
         return value if isinstance(value, str) and value else None
+
+    def _identify(self, unknown: list[tuple[ClientProxy, FitIns]], server_round: int) -> None:
+        """Ask nodes with no known site for their site name (``get_properties``), in parallel."""
+        if not unknown:
+            return
+
+        def ask(proxy: ClientProxy, ins: FitIns) -> tuple[str, Any]:
+            res = proxy.get_properties(GetPropertiesIns(config=dict(ins.config)), self.identify_timeout, server_round)
+            return proxy.cid, res.properties.get(wire.SITE)
+
+        with ThreadPoolExecutor(max_workers=len(unknown)) as pool:
+            futures = [pool.submit(ask, proxy, ins) for proxy, ins in unknown]
+        answers = [f.result() for f in futures if f.exception() is None]
+        names = Counter(site for _, site in answers if isinstance(site, str) and site)
+        for cid, site in answers:
+            if isinstance(site, str) and site and names[site] == 1:
+                self._learn_site(cid, site)
+        log(INFO, "relay: round %s: %d of %d unknown nodes identified their site",
+            server_round, sum(1 for p, _ in unknown if p.cid in self._cid_to_site), len(unknown))
 
     def _learn_site(self, cid: str, site: str) -> None:
         """Map ``cid`` to ``site``, forgetting any older cid of that site."""

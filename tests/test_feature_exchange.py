@@ -320,6 +320,39 @@ def test_unknown_node_gets_no_bank() -> None:
     assert remote["555"] is None and remote[CIDS["A"]] is not None
 
 
+class NamedProxy(StubProxy):
+    """A proxy whose client answers ``get_properties`` with its site name, as FCLClient does."""
+
+    def __init__(self, cid: str, site: str) -> None:
+        super().__init__(cid)
+        self.site = site
+        self.asked_with: dict | None = None
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        from flwr.common import GetPropertiesRes
+
+        self.asked_with = dict(ins.config)
+        return GetPropertiesRes(Status(Code.OK, ""), {wire.SITE: self.site})
+
+
+def test_a_resumed_relay_identifies_new_node_ids_and_relays_as_before() -> None:
+    fx = relay()
+    cm, _ = round_one(fx)
+    before = remote_by_cid(fx.configure_fit(2, ndarrays_to_parameters(WEIGHTS), cm))
+    resumed = relay()
+    resumed.load_state_dict(fx.state_dict())
+    resumed._cid_to_site.clear()  # a restarted federation: every node has a new id
+    new_cm = SimpleClientManager()
+    named = {site: NamedProxy(f"9{cid}", site) for site, cid in CIDS.items()}
+    for proxy in named.values():
+        new_cm.register(proxy)
+    after = remote_by_cid(resumed.configure_fit(2, ndarrays_to_parameters(WEIGHTS), new_cm))
+    for site, cid in CIDS.items():
+        np.testing.assert_array_equal(after[f"9{cid}"][0], before[cid][0])
+        np.testing.assert_array_equal(after[f"9{cid}"][1], before[cid][1])
+        assert named[site].asked_with is not None  # asked with the round's fit config
+
+
 class _Spy:
     """fit_metrics_aggregation_fn that records the metric keys and value types it saw."""
 
