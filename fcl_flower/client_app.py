@@ -229,11 +229,8 @@ class FinetuneClient(_SiteClient):
 STAGE_CLIENTS: dict[str, type[_SiteClient]] = {"pretrain": FCLClient, "finetune": FinetuneClient}
 
 
-class StageClient(NumPyClient):
+class StageClient(_SiteClient):
     """Hands each message to the client of the stage it names (``config["stage"]``)."""
-
-    def __init__(self, node_config: Mapping[str, Scalar]) -> None:
-        self.node_config = node_config
 
     def _client(self, config: Mapping[str, Scalar]) -> _SiteClient:
         stage = str(config.get("stage", "pretrain"))
@@ -244,7 +241,7 @@ class StageClient(NumPyClient):
     def get_properties(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """``{"site": name}``: lets the server map this node to its site (config: a fit config)."""
         with failures_named(self._site_label()):
-            cfg, _ = _SiteClient._config(config)
+            cfg, _ = self._config(config)
             return {SITE: resolve_site(cfg, self.node_config).name}
 
     def get_parameters(self, config: Mapping[str, Scalar]) -> NDArrays:

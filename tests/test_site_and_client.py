@@ -68,6 +68,7 @@ def test_pretrain_client_fit_and_evaluate_on_generated_nifti(tiny_synthetic: Pat
     cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run'}", *TINY)
     client = StageClient({"partition-id": 0})
     message = {"config": config_to_yaml(cfg), "stage": "pretrain", "round": 1}
+    assert client.get_properties(message) == {"site": "site_00"}
     start = initial_weights(cfg)
     weights, n, metrics = client.fit(start, message)
     assert len(weights) == len(start) and n > 0 and metrics["site"] == "site_00"
