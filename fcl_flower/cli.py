@@ -60,6 +60,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(load_config(args.overrides, args.config_file))
 
 
+def finetune_overrides(encoder: str, overrides: Sequence[str]) -> list[str]:
+    """The dotlist of ``fcl-flower finetune``: fine-tuning only, from ``encoder`` (absolute), then the user's."""
+    path = Path(encoder).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"--encoder {path} does not exist")
+    return ["stages=[finetune]", "finetune.init=auto", f"finetune.encoder={path}", *overrides]
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from fcl_flower.runner import simulate
+
+    return simulate(load_config(finetune_overrides(args.encoder, args.overrides), args.config_file))
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from fcl_flower.certs import CertsError, describe_certificate, generate_certs, site_names
 
@@ -107,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run pre-training (and fine-tuning) on Flower's Ray simulation engine")
     _add_config_args(p)
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune an existing pre-trained encoder (local k-fold and/or federated) on the simulation engine"
+    )
+    p.add_argument("--encoder", required=True, help="encoder file written by pre-training (e.g. runs/default/encoder.pt)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("certs", help="make a CA, the SuperLink TLS certificate and SuperNode auth keys")
     p.add_argument("--out", required=True, help="output folder (ca.crt, superlink.crt/.key, supernodes/<site>[.pub])")

@@ -70,11 +70,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(arrays: Sequence[Any]) -> str:
+    """SHA-256 of a list of arrays / tensors: shapes, dtypes and bytes, in order."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for a in arrays:
+        a = np.ascontiguousarray(a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -92,8 +94,9 @@ def site_stats(sites: dict[str, dict[str, Any]], keys: Sequence[str]) -> tuple[d
 class ResultsStore:
     """``results.json`` + ``results.csv`` of a run's fine-tuning cells, written atomically after every cell."""
 
-    def __init__(self, folder: Path, cfg: DictConfig, fingerprint: str) -> None:
+    def __init__(self, folder: Path, cfg: DictConfig, fingerprint: str, config_key: str = "") -> None:
         self.folder = folder
+        self.config_key = config_key
         self.json_path = folder / RESULTS_JSON
         self.csv_path = folder / RESULTS_CSV
         self.cfg = cfg
@@ -132,7 +135,10 @@ class ResultsStore:
     def write(self) -> None:
         order = {t: i for i, t in enumerate(TASKS)}
         cells = dict(sorted(self.cells.items(), key=lambda kv: (order.get(kv[1]["finetune"], 9), kv[1]["n_labeled"])))
-        payload = {"method": self.cfg.method, "init": self.cfg.finetune.init, "fingerprint": self.fingerprint, "cells": cells}
+        payload = {
+            "method": self.cfg.method, "init": self.cfg.finetune.init, "config_key": self.config_key,
+            "fingerprint": self.fingerprint, "cells": cells,
+        }
         _atomic_write(self.json_path, json.dumps(payload, indent=1, allow_nan=True) + "\n")
         keys = metric_keys(self.cfg.model.num_classes)
         rows = []
@@ -174,10 +180,9 @@ class FinetuneStage:
         self.message = {"config": config_to_yaml(self.cfg), "stage": "finetune"}
         self.group = 10_000  # Flower group ids of this stage's messages, after pre-training's rounds
         self.encoder_file = self._encoder_file()
-        self.fingerprint = config_fingerprint(
-            self.cfg, self.init_kind, file_sha256(self.encoder_file) if self.encoder_file else ""
-        )
-        self.store = ResultsStore(self.folder, self.cfg, self.fingerprint)
+        self.config_key = config_fingerprint(self.cfg)
+        self.fingerprint = config_fingerprint(self.cfg, self.init_kind, self._encoder_digest())
+        self.store = ResultsStore(self.folder, self.cfg, self.fingerprint, self.config_key)
         self.failures = 0
         self._init: list[np.ndarray] | None = None
         self._federated_init: list[np.ndarray] | None = None
@@ -200,7 +205,13 @@ class FinetuneStage:
     def init_kind(self) -> str:
         if self.cfg.finetune.init == "local_pretrain":
             return "local_pretrain"
-        return f"encoder:{self.encoder_file}" if self.encoder_file else "random"
+        return "encoder" if self.encoder_file else "random"
+
+    def _encoder_digest(self) -> str:
+        """SHA-256 of the encoder's weights (not of the file: a resumed run writes the same weights again)."""
+        if not self.encoder_file:
+            return ""
+        return weights_sha256(list(load_encoder(self.cfg, self.encoder_file).state_dict().values()))
 
     def initial_weights(self) -> list[np.ndarray]:
         """The U-Net every site starts from (pre-trained encoder or random + the seeded decoder)."""
