@@ -85,14 +85,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop_tree(process: ManagedProcess, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+def stop_tree(process: ManagedProcess, grace: float = 10.0, sig: int = signal.SIGTERM) -> list[int]:
     """Stop ``process``, its process group and every descendant's process group, by PID.
 
     The tree is collected before signalling (orphans are re-parented to init once their
-    parent dies); whatever is still alive after ``grace`` seconds gets SIGKILL.
+    parent dies); whatever is still alive after ``grace`` seconds gets SIGKILL. Returns
+    the PIDs it signalled.
     """
     if process.popen is None:
-        return
+        return []
     pids = [process.pid, *descendants(process.pid)]
     own_group = os.getpgrp()
     groups = set()
@@ -128,6 +129,7 @@ def stop_tree(process: ManagedProcess, grace: float = 10.0, sig: int = signal.SI
         process.popen.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
+    return pids
 
 
 # -- the deployment -------------------------------------------------------------------
@@ -152,7 +154,9 @@ class LocalDeployment:
     Args:
         cfg: the run's config with ``output_dir`` absolute (``prepare_run`` applied).
         data_dirs: site name -> the folder its SuperNode reads (``--node-config data-dir``).
-        app: the Flower app folder to submit (default: this checkout).
+        app: the Flower app folder to submit (default: this checkout). It is copied once,
+            as the FAB would hold it, into ``deploy/app`` at the first ``submit``, so a run
+            and its resumption run the same code even if the checkout changes meanwhile.
         certs_dir: where certificates and keys live (created if missing; default
             ``<output_dir>/deploy/certs``).
         echo: where progress lines go.
@@ -169,6 +173,7 @@ class LocalDeployment:
         self.data_dirs = {name: Path(path) for name, path in data_dirs.items()}
         self.sites = list(self.data_dirs)
         self.app = app
+        self.app_snapshot: Path | None = None
         self.echo = echo or (lambda line: None)
         self.host = str(cfg.deploy.host)
         self.dial_host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
@@ -177,6 +182,7 @@ class LocalDeployment:
         self.certs: CertPaths = ensure_certs(certs_dir or self.root / "certs", self.sites)
         self.superlink: ManagedProcess | None = None
         self.supernodes: dict[str, ManagedProcess] = {}
+        self.signalled: set[int] = set()  # every PID stopped so far (tests check none survives)
         self.cli_env = flower_env(self.root / "cli")
         write_connection(self.root / "cli", CONNECTION, self.address, self.certs.ca_cert)
 
@@ -224,7 +230,7 @@ class LocalDeployment:
     def stop_superlink(self, grace: float = 15.0, sig: int = signal.SIGTERM) -> None:
         """Stop the SuperLink and everything it started (SuperExec, ServerApp), by PID."""
         if self.superlink is not None:
-            stop_tree(self.superlink, grace=grace, sig=sig)
+            self.signalled.update(stop_tree(self.superlink, grace=grace, sig=sig))
             self.superlink = None
 
     def cli(self, args: Sequence[str], timeout: float = 120) -> str:
@@ -285,7 +291,7 @@ class LocalDeployment:
             if outcome == ACTIVATED:
                 self.echo(f"[deploy] SuperNode {site} connected, pid {proc.pid}, data {self.data_dirs[site]}")
                 return proc
-            stop_tree(proc, grace=5)
+            self.signalled.update(stop_tree(proc, grace=5))
             if time.monotonic() >= deadline:
                 tail = _tail(log_path, offset)
                 raise FlowerProcessError(f"SuperNode {site} was not accepted by the SuperLink: {tail}")
@@ -299,12 +305,12 @@ class LocalDeployment:
         """SIGKILL the site's SuperNode and its ClientApps (a crash, no goodbye to the SuperLink)."""
         proc = self.supernodes.get(site)
         if proc is not None:
-            stop_tree(proc, grace=5, sig=signal.SIGKILL)
+            self.signalled.update(stop_tree(proc, grace=5, sig=signal.SIGKILL))
 
     def stop_supernode(self, site: str, grace: float = 10.0) -> None:
         proc = self.supernodes.pop(site, None)
         if proc is not None:
-            stop_tree(proc, grace=grace)
+            self.signalled.update(stop_tree(proc, grace=grace))
 
     # -- runs --------------------------------------------------------------------------
     def write_config(self, overrides: Iterable[str] = ()) -> Path:
@@ -320,7 +326,9 @@ class LocalDeployment:
 
         config_file = self.write_config(overrides)
         (self.out / "summary.json").unlink(missing_ok=True)
-        run_id = submit_run(self.app or app_dir(), CONNECTION, self.cli_env, {"config-file": str(config_file), "overrides": ""})
+        if self.app_snapshot is None:
+            self.app_snapshot = snapshot_app(self.app or app_dir(), self.root / "app")
+        run_id = submit_run(self.app_snapshot, CONNECTION, self.cli_env, {"config-file": str(config_file), "overrides": ""})
         self.echo(f"[deploy] submitted run {run_id}")
         return run_id
 
@@ -379,11 +387,42 @@ class LocalDeployment:
             self.stop_supernode(site, grace=5)
         self.stop_superlink(grace=10)
 
+    def survivors(self) -> list[int]:
+        """PIDs this deployment stopped that are still alive (should be none)."""
+        def flower_process(pid: int) -> bool:  # guards against a PID reused by someone else
+            try:
+                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                return True
+            return b"flwr" in cmdline or b"flower" in cmdline
+
+        return sorted(p for p in self.signalled if _alive(p) and flower_process(p))
+
     def __enter__(self) -> "LocalDeployment":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def snapshot_app(src: Path, dest: Path) -> Path:
+    """Copy the files of the Flower app in ``src`` that its FAB would hold into ``dest``."""
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk  # the same selection `flwr run` makes
+
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(Path(src))))
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in fab.namelist():
+        if not name.startswith(".info/") and ".." not in Path(name).parts:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fab.read(name))
+    return dest
 
 
 def wait_for_log(
@@ -414,14 +453,19 @@ def _tail(path: Path, offset: int, limit: int | None = 600) -> str:
 
 
 # -- the command -----------------------------------------------------------------------
-def deploy_local(cfg: DictConfig, sites: int | None = None) -> int:
-    """Run ``cfg`` on a local TLS + node-auth deployment; 0 if it completed with outputs."""
+def prepare_local(cfg: DictConfig, sites: int | None = None) -> tuple[DictConfig, dict[str, Path]]:
+    """The run's config (absolute ``output_dir``, data generated) and each site's data folder."""
     from fcl_flower.server_app import prepare_run
 
     if sites is not None:
         cfg = with_overrides(cfg, [f"sites={sites}"])
     cfg = prepare_run(cfg)
-    data_dirs = site_data_dirs(cfg, cfg.sites)
+    return cfg, site_data_dirs(cfg, cfg.sites)
+
+
+def deploy_local(cfg: DictConfig, sites: int | None = None) -> int:
+    """Run ``cfg`` on a local TLS + node-auth deployment; 0 if it completed with outputs."""
+    cfg, data_dirs = prepare_local(cfg, sites)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[fcl] {cfg.method} on {cfg.sites} SuperNodes (TLS + SuperNode auth), {cfg.rounds} rounds; outputs in {out}", flush=True)
@@ -452,4 +496,4 @@ def deploy_local(cfg: DictConfig, sites: int | None = None) -> int:
     return 0
 
 
-__all__ = ["LocalDeployment", "deploy_local", "descendants", "site_data_dirs", "stop_tree"]
+__all__ = ["LocalDeployment", "deploy_local", "prepare_local", "snapshot_app", "descendants", "site_data_dirs", "stop_tree"]
