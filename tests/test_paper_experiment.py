@@ -1,0 +1,130 @@
+"""The paper-experiment driver: resume-skip logic, and the quick profile end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "simulations"))
+
+import paper_experiment as pe  # noqa: E402
+
+from fcl_flower.finetune import config_fingerprint  # noqa: E402
+from fcl_flower.server_app import prepare_run  # noqa: E402
+
+
+@pytest.fixture
+def isolated(tmp_path):
+    """Overrides that keep data and caches inside the test's folder."""
+    return [f"synthetic.cache_root={tmp_path / 'synthetic'}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def _fake_results(cfg, complete: bool = True, key: str | None = None) -> None:
+    cells = {
+        f"{t}/{n}": {"method": cfg.method, "finetune": t, "n_labeled": n, "complete": complete,
+                     "dice_mean": 0.5, "dice_std": 0.1}
+        for t in ("local", "federated") for n in cfg.finetune.n_labeled
+    }
+    path = Path(cfg.output_dir) / "finetune" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config_key": key or config_fingerprint(cfg), "cells": cells}))
+
+
+def test_methods_cover_the_tables() -> None:
+    assert pe.METHOD_NAMES == ("random", "local_cl", "fedrotation", "fedsimclr", "fcl", "fcl_no_gsm", "fcl_no_fe")
+    assert sorted(pe.RUN_ORDER) == sorted(pe.METHOD_NAMES)
+    for m in pe.METHODS:
+        cfg = pe.method_config(m, "quick", Path("/tmp/x"), [])
+        assert cfg.resume and "finetune" in cfg.stages
+    by = {m.name: pe.method_config(m, "quick", Path("/tmp/x"), []) for m in pe.METHODS}
+    assert by["random"].stages == ["finetune"] and by["random"].finetune.init == "random"
+    assert by["local_cl"].finetune.init == "local_pretrain" and by["local_cl"].method == "local_cl"
+    assert not by["fcl_no_gsm"].pretrain.use_remote_positives and by["fcl_no_gsm"].relay.enabled
+    assert not by["fcl_no_fe"].pretrain.use_feature_exchange and not by["fcl_no_fe"].relay.enabled
+    assert not by["fedsimclr"].relay.enabled and by["fedsimclr"].method == "simclr"
+
+
+def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkeypatch) -> None:
+    out = tmp_path / "runs"
+    started: list[str] = []
+
+    def fake_engine(cfg) -> int:
+        started.append(cfg.method)
+        _fake_results(cfg)
+        return 0
+
+    monkeypatch.setitem(pe.ENGINES, "inprocess", fake_engine)
+    by = {m.name: m for m in pe.METHODS}
+    fcl_cfg = prepare_run(pe.method_config(by["fcl"], "quick", out, isolated))
+    _fake_results(fcl_cfg)  # finished, same config: skipped
+    sim_cfg = prepare_run(pe.method_config(by["fedsimclr"], "quick", out, isolated))
+    _fake_results(sim_cfg, complete=False)  # a cell not complete: run again
+    rot_cfg = prepare_run(pe.method_config(by["fedrotation"], "quick", out, isolated))
+    _fake_results(rot_cfg, key="another-config")  # computed under another config: run again
+    assert pe.finished(fcl_cfg) and not pe.finished(sim_cfg) and not pe.finished(rot_cfg)
+
+    docs = tmp_path / "docs"
+    rc = pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
+                  "--methods", "fcl,fedsimclr,fedrotation", *isolated])
+    assert rc == 0
+    assert sorted(started) == ["rotation", "simclr"]
+    started.clear()
+    assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
+                    "--methods", "fcl,fedsimclr,fedrotation", *isolated]) == 0
+    assert started == []  # everything finished: no run is started
+    # a changed setting makes the method's cells stale
+    assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
+                    "--methods", "fcl", "finetune.local_steps=5", *isolated]) == 0
+    assert started == ["fcl"]
+
+
+def _check_outputs(docs: Path, methods: list[str], budgets: list[int]) -> list[dict[str, str]]:
+    with open(docs / "results.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == pe.CSV_COLUMNS
+        rows = list(reader)
+    cells = {(r["method"], r["finetune"], int(r["n_labeled"])) for r in rows}
+    assert cells == {(m, t, n) for m in methods for t in ("local", "federated") for n in budgets}
+    for r in rows:
+        assert math.isfinite(float(r["dice_mean"])) and math.isfinite(float(r["dice_std"]))
+        assert 0.0 <= float(r["dice_mean"]) <= 1.0
+    assert (docs / "results_dice_vs_n.png").stat().st_size > 10_000
+    text = (docs / "RESULTS.md").read_text()
+    assert pe.BEGIN in text and pe.END in text and "| FCL |" in text and "profile **quick**" in text
+    return rows
+
+
+@pytest.mark.slow
+def test_quick_profile_end_to_end_inprocess(tmp_path, isolated) -> None:
+    """Every cell of both tables for all seven methods, through the ServerApp/ClientApp objects."""
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(f"# hand-written head\n\n{pe.BEGIN}\nold\n{pe.END}\n\nhand-written tail\n")
+    assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs), *isolated]) == 0
+    _check_outputs(docs, list(pe.METHOD_NAMES), [1, 2])
+    text = (docs / "RESULTS.md").read_text()
+    assert text.startswith("# hand-written head") and text.rstrip().endswith("hand-written tail") and "\nold\n" not in text
+    assert (docs / "results_overlays.png").is_file()
+    # the site state of the local-CL sites holds their own encoders; the FCL run its pre-trained one
+    assert list((out / "local_cl" / "sites").glob("*/finetune/local_pretrained.npz"))
+    assert (out / "fcl" / "encoder.pt").is_file() and not (out / "random" / "encoder.pt").exists()
+    # re-running a finished experiment recomputes nothing and gives the same table
+    before = (docs / "results.csv").read_text()
+    assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs), *isolated]) == 0
+    assert (docs / "results.csv").read_text() == before
+
+
+@pytest.mark.slow
+def test_quick_profile_one_method_through_the_flower_simulation_engine(tmp_path, isolated) -> None:
+    """The default engine: a real `fcl-flower simulate` run (SuperLink + Ray) yields the method's whole row."""
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    assert pe.main(["--profile", "quick", "--out", str(out), "--docs", str(docs), "--methods", "fcl", *isolated]) == 0
+    _check_outputs(docs, ["fcl"], [1, 2])
+    log = (out / "fcl" / "logs" / "run.log").read_text()
+    assert "[fcl] pretrain round 1/1" in log and "[fcl] finetune federated N=2" in log
