@@ -136,7 +136,14 @@ class UNet(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Global average pool of the bottleneck, then a two-layer MLP.
+    """Global average pool of the bottleneck, then a two-layer MLP with BatchNorm on the hidden layer.
+
+    The BatchNorm (as in the SimCLR and MoCo v3 projectors) always uses the statistics
+    of the current batch and keeps no buffers. It matters with ``model.norm=instance``:
+    instance norm gives every bottleneck channel the same mean in every image, so the
+    pooled vectors of different slices start almost identical (cosine ~0.99) and
+    contrastive training barely moves; centring them across the batch restores the
+    differences. A forward pass therefore needs at least two samples.
 
     Args:
         in_channels: bottleneck channels.
@@ -149,7 +156,12 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_channels: int, hidden: int, out_dim: int, normalize: bool = True) -> None:
         super().__init__()
         self.normalize = normalize
-        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_channels, hidden),
+            nn.BatchNorm1d(hidden, track_running_stats=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        )
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, *spatial) -> (N, out_dim)."""

@@ -24,19 +24,14 @@ TINY = [
 
 
 def _volumes(n: int = 6, depth: int = 8, size: int = 32, seed: int = 0) -> list[np.ndarray]:
-    """Toy short-axis stacks: a bright LV disk and a dimmer RV beside it, both shrinking from base
-    to apex (the RV gone near the apex), a left-to-right coil bias ramp, and noise."""
+    """Stacks whose anatomy changes along z: a bright disk shrinking from base to apex, plus noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] - size / 2
-    bias = 0.5 * (0.5 - xx / size)[None]
     out = []
     for _ in range(n):
-        dy, dx = rng.uniform(-2, 2, 2)
-        radius = np.linspace(0.3, 0.08, depth)[:, None, None] * size * rng.uniform(0.85, 1.15)
-        lv_dist, rv_dist = np.hypot(yy - dy, xx - dx - 3)[None], np.hypot(yy - dy, xx - dx + 6)[None]
-        rv = (rv_dist < 1.6 * radius) & (lv_dist >= 1.4 * radius) & (np.arange(depth) < 0.75 * depth)[:, None, None]
-        image = bias + (lv_dist < radius) + 0.5 * rv
-        out.append((image * rng.uniform(0.7, 1.3) + 0.1 * rng.standard_normal((depth, size, size))).astype(np.float32))
+        radius = np.linspace(0.4, 0.08, depth)[:, None, None] * size * rng.uniform(0.85, 1.15)
+        disk = (np.hypot(yy, xx)[None] < radius).astype(np.float32)
+        out.append(disk * rng.uniform(0.7, 1.3) + 0.1 * rng.standard_normal((depth, size, size), dtype=np.float32))
     return out
 
 
@@ -149,17 +144,32 @@ def test_resume_in_fresh_process_equals_uninterrupted(tmp_path: Path) -> None:
     assert not all(np.array_equal(a, b) for a, b in zip(fresh.weights, uninterrupted.weights))
 
 
+@pytest.fixture(scope="module")
+def nifti_volumes(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    """Six volumes (3 patients x ED/ES) of the synthetic generator, written as NIfTI and read back
+    through the data layer at 32 x 32."""
+    from fcl_flower.data.datasets import discover_site
+    from fcl_flower.data.preprocess import load_site_volumes
+    from fcl_flower.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("nifti")
+    generate_dataset(root / "data", sites=1, patients_per_site=3, seed=0, image_size=64, spacing=3.0)
+    (site,) = [p for p in (root / "data").iterdir() if p.is_dir()]
+    cfg = _cfg("data.image_size=[32,32]", "data.target_spacing=[6.0,6.0]", f"data.cache_dir={root / 'cache'}")
+    return [v.image for v in load_site_volumes(discover_site(site, "synthetic"), cfg)]
+
+
 @pytest.mark.parametrize("method", ["fcl", "local_cl", "simclr", "rotation"])
-def test_each_method_loss_decreases_over_rounds(tmp_path: Path, method: str) -> None:
+def test_each_method_loss_decreases_over_rounds(tmp_path: Path, method: str, nifti_volumes: list[np.ndarray]) -> None:
+    assert len(nifti_volumes) == 6 and nifti_volumes[0].shape[1:] == (32, 32)
     # queue = one batch of keys, so the FCL bank has the same size in every round
-    cfg = _cfg(f"method={method}", "pretrain.local_epochs=6", "pretrain.queue_size=8", "pretrain.optimizer=adam",
-               "pretrain.lr=0.003")
+    cfg = _cfg(f"method={method}", "pretrain.local_epochs=5", "pretrain.queue_size=8", "pretrain.lr=0.003")
     weights, losses = initial_weights(cfg), []
-    for server_round in range(1, 6):
-        res = pretrain_round(weights, None, _volumes(), cfg, tmp_path, server_round)
+    for server_round in range(1, 5):
+        res = pretrain_round(weights, None, nifti_volumes, cfg, tmp_path, server_round)
         weights = res.weights
         losses.append(res.metrics["loss"])
-    assert losses[-1] < 0.95 * losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_3d_fcl_round(tmp_path: Path) -> None:

@@ -113,6 +113,13 @@ def test_same_generator_state_same_batches() -> None:
         assert torch.equal(a.view1, b.view1) and torch.equal(a.view2, b.view2) and torch.equal(a.volume, b.volume)
 
 
+def test_single_sample_last_batch_joins_the_previous() -> None:
+    cfg = load_config(["data.num_partitions=1", "pretrain.batch_volumes=2"])
+    sampler = PartitionSampler(_indexed_volumes([3] * 5), cfg, np.random.default_rng(0))
+    sizes = [b.partition.numel() for b in sampler.epoch()]
+    assert sizes == [2, 3] and len(sampler) == 2
+
+
 def test_rejects_mixed_in_plane_sizes() -> None:
     with pytest.raises(ValueError):
         PartitionSampler([np.zeros((4, 8, 8), np.float32), np.zeros((4, 8, 9), np.float32)], load_config(),

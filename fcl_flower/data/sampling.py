@@ -138,15 +138,22 @@ class PartitionSampler:
             for v in volumes
         ]
 
+    def _split(self, order: np.ndarray) -> list[np.ndarray]:
+        """Batches of B volumes, the last possibly smaller; a last batch of a single sample
+        (S = 1, one volume left) joins the one before, as the projection head's BatchNorm needs two."""
+        batches = [order[i : i + self.batch_volumes] for i in range(0, len(order), self.batch_volumes)]
+        if len(batches) > 1 and len(batches[-1]) * self.num_partitions == 1:
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return batches
+
     def __len__(self) -> int:
-        """Steps per epoch: every volume once, the last batch possibly smaller."""
-        return -(-len(self.volumes) // self.batch_volumes)
+        """Steps per epoch: every volume once."""
+        return len(self._split(np.arange(len(self.volumes))))
 
     def epoch(self) -> Iterator[ContrastiveBatch]:
         """One pass over the volumes in a random order."""
-        order = self.rng.permutation(len(self.volumes))
-        for start in range(0, len(order), self.batch_volumes):
-            yield self.sample(order[start : start + self.batch_volumes])
+        for volume_ids in self._split(self.rng.permutation(len(self.volumes))):
+            yield self.sample(volume_ids)
 
     def sample(self, volume_ids: Sequence[int]) -> ContrastiveBatch:
         """One batch from the given volumes, S samples each, ordered volume-major."""
