@@ -30,6 +30,7 @@ weights.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import zlib
 from dataclasses import dataclass
@@ -262,21 +263,19 @@ def pretrain_round(
         module.train()
     losses, slices, seen = [], 0, set()
     start = time.perf_counter()
-    for _ in range(p.local_epochs):
-        for batch in sampler.epoch():
-            if p.max_steps_per_round and len(losses) >= p.max_steps_per_round:
-                break
-            loss, keys = _batch_loss(cfg, nets, batch, queue, remote, rng, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if keys is not None:
-                ema_update(key_encoder, encoder, p.ema_momentum)
-                ema_update(key_head, head, p.ema_momentum)
-                queue.enqueue(keys, batch.partition)
-            losses.append(loss.item())
-            slices += batch.partition.numel()
-            seen.update(batch.volume.tolist())
+    batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(p.local_epochs))
+    for batch in itertools.islice(batches, p.max_steps_per_round or None):
+        loss, keys = _batch_loss(cfg, nets, batch, queue, remote, rng, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if keys is not None:
+            ema_update(key_encoder, encoder, p.ema_momentum)
+            ema_update(key_head, head, p.ema_momentum)
+            queue.enqueue(keys, batch.partition)
+        losses.append(loss.item())
+        slices += batch.partition.numel()
+        seen.update(batch.volume.tolist())
     seconds = time.perf_counter() - start
 
     atomic_torch_save(
