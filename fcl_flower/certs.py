@@ -173,7 +173,8 @@ def make_superlink_cert(paths: CertPaths, sans: Iterable[str] = (), days: int = 
     ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP384R1())
     alt_names = split_sans(sans)
-    first_dns = next((n.value for n in alt_names if isinstance(n, x509.DNSName)), "localhost")
+    user_dns = [n.value for n in alt_names[len(DEFAULT_SANS):] if isinstance(n, x509.DNSName)]
+    first_dns = user_dns[0] if user_dns else "localhost"  # SANs decide; the CN is for people
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()

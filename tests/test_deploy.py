@@ -235,3 +235,43 @@ def test_supernode_crash_and_superlink_restart_resume(certs, caches, tmp_path):
     finally:
         d.stop_all()
         assert d.survivors() == []
+
+
+# -- plumbing (no Flower processes) --------------------------------------------------------
+def test_stop_tree_reaches_descendants_in_other_sessions(tmp_path):
+    """Like the SuperLink's SuperExec and ServerApp: a grandchild in a session of its own."""
+    import os
+    import sys
+
+    from fcl_flower.deploy import _alive, descendants
+
+    pid_file = tmp_path / "grandchild.pid"
+    spawn = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)"
+    )
+    proc = ManagedProcess("parent", [sys.executable, "-c", spawn], dict(os.environ), tmp_path / "log").start()
+    try:
+        wait_until(lambda: pid_file.is_file() and pid_file.read_text().strip(), 30, "the grandchild")
+        grandchild = int(pid_file.read_text())
+        assert grandchild in descendants(proc.pid)
+        assert os.getpgid(grandchild) != os.getpgid(proc.pid)
+        signalled = stop_tree(proc, grace=5)
+        assert grandchild in signalled
+        wait_until(lambda: not _alive(grandchild), 10, "the grandchild to die")
+        assert not proc.alive()
+    finally:
+        stop_tree(proc, grace=1, sig=9)
+
+
+def test_site_data_dirs_follow_the_manifest(tmp_path):
+    from fcl_flower.deploy import site_data_dirs
+
+    for name in ("site_00", "site_01", "site_02"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"sites": ["site_01", "site_00", "site_02"]}))
+    cfg = load_config([f"data.root={tmp_path}"])
+    assert list(site_data_dirs(cfg, 2)) == ["site_01", "site_00"]
+    with pytest.raises(FlowerProcessError, match="needs 4 site folders"):
+        site_data_dirs(cfg, 4)
