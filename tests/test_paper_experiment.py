@@ -82,6 +82,13 @@ def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkey
     assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
                     "--methods", "fcl", "finetune.local_steps=5", *isolated]) == 0
     assert started == ["fcl"]
+    # --collect-only starts nothing, reports the unfinished method, and still writes the docs
+    started.clear()
+    (docs / "results.csv").unlink()
+    assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
+                    "--methods", "fcl,fcl_no_fe", "--collect-only", *isolated]) == 1
+    assert started == [] and "fcl," in (docs / "results.csv").read_text()
+    assert "--collect-only" in (docs / "RESULTS.md").read_text() and "some cells are missing" in (docs / "RESULTS.md").read_text()
 
 
 def _check_outputs(docs: Path, methods: list[str], budgets: list[int]) -> list[dict[str, str]]:
