@@ -225,3 +225,27 @@ def test_local_pretrain_init(cfg_factory) -> None:
     assert cached.is_file()
     results = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
     assert all(np.isfinite(c["dice_mean"]) for c in results["cells"].values())
+
+
+def test_cli_finetune_runs_only_the_finetune_stage_from_the_encoder(tmp_path: Path, monkeypatch) -> None:
+    from fcl_flower import cli, runner
+
+    cfg = None
+
+    def fake_simulate(c) -> int:
+        nonlocal cfg
+        cfg = c
+        return 0
+
+    monkeypatch.setattr(runner, "simulate", fake_simulate)
+    save_encoder(build_encoder(cfg_factory_free()), tmp_path / "enc.pt")
+    assert cli.main(["finetune", "--encoder", str(tmp_path / "enc.pt"), "sites=3", "finetune.tasks=[local]"]) == 0
+    assert cfg.stages == ["finetune"] and cfg.finetune.init == "auto" and cfg.sites == 3
+    assert cfg.finetune.encoder == str((tmp_path / "enc.pt").resolve()) and cfg.finetune.tasks == ["local"]
+    assert cli.main(["finetune", "--encoder", str(tmp_path / "missing.pt")]) == 2
+
+
+def cfg_factory_free():
+    from fcl_flower.config import load_config
+
+    return load_config()
