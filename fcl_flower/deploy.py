@@ -456,10 +456,11 @@ def _tail(path: Path, offset: int, limit: int | None = 600) -> str:
 def prepare_local(cfg: DictConfig, sites: int | None = None) -> tuple[DictConfig, dict[str, Path]]:
     """The run's config (absolute ``output_dir``, data generated) and each site's data folder."""
     from fcl_flower.server_app import prepare_run
+    from fcl_flower.site import resolve_data_root
 
     if sites is not None:
         cfg = with_overrides(cfg, [f"sites={sites}"])
-    cfg = prepare_run(cfg)
+    cfg = resolve_data_root(prepare_run(cfg))  # the demo's site folders, generated on first use
     return cfg, site_data_dirs(cfg, cfg.sites)
 
 
