@@ -92,6 +92,51 @@ def sampler_epoch(cfg, volumes: list[np.ndarray], seed: int) -> tuple[int, Clock
     return slices, clock
 
 
+def measure(
+    overrides: list[str] | tuple[str, ...] = (), volumes: int = 20, depth: int = 10, repeats: int = 3,
+    remote_rows: int = 9 * 512, echo=print,
+) -> dict:
+    """Alternate ``pretrain_round`` and the plain loop ``repeats`` times (after one warm-up pair); the report."""
+    cfg = load_config(["method=fcl", *overrides])
+    torch.set_num_threads(cfg.pretrain.threads)
+    vols = _volumes(volumes, depth, tuple(cfg.data.image_size), cfg.seed)
+    remote = _remote_bank(remote_rows, cfg.model.proj_dim, cfg.data.num_partitions, cfg.seed)
+    k = cfg.pretrain.bank_sample_size
+    bank = torch.from_numpy(remote[0][:k]).clone()
+    bank_part = torch.from_numpy(remote[1][:k]).clone()
+
+    runs: dict[str, list[float]] = {"trainer": [], "trainer_cpu": [], "plain": [], "plain_cpu": [], "sampler": []}
+    weights = initial_weights(cfg)
+    with tempfile.TemporaryDirectory() as state_dir:
+        for rep in range(repeats + 1):  # the first pair warms caches and is dropped
+            with Clock() as trainer:
+                result = pretrain_round(weights, remote, vols, cfg, Path(state_dir), rep + 1)
+            slices, plain = plain_epoch(cfg, vols, bank, bank_part, cfg.seed + rep)
+            aug_slices, aug = sampler_epoch(cfg, vols, cfg.seed + rep)
+            if rep == 0:
+                continue
+            assert result.metrics["samples"] == slices
+            for key, value in (("trainer", slices / trainer.wall), ("trainer_cpu", slices / trainer.cpu),
+                               ("plain", slices / plain.wall), ("plain_cpu", slices / plain.cpu),
+                               ("sampler", aug_slices / aug.wall)):
+                runs[key].append(value)
+            echo(f"repeat {rep}: trainer {runs['trainer'][-1]:.1f} slices/s wall, {runs['trainer_cpu'][-1]:.1f} cpu "
+                 f"({trainer.wall:.2f} s/epoch); plain loop {runs['plain'][-1]:.1f} wall, {runs['plain_cpu'][-1]:.1f} cpu; "
+                 f"sampling+augmentation alone {runs['sampler'][-1]:.0f} slices/s")
+
+    median = {key: statistics.median(values) for key, values in runs.items()}
+    return {
+        "config": {"image_size": list(cfg.data.image_size), "channels": list(cfg.model.channels),
+                   "batch_slices": cfg.pretrain.batch_volumes * cfg.data.num_partitions, "bank_rows": k,
+                   "optimizer": cfg.pretrain.optimizer, "volumes": volumes, "depth": depth,
+                   "threads": cfg.pretrain.threads, "repeats": repeats},
+        "slices_per_s": median,
+        "epoch_seconds_wall": volumes * cfg.data.num_partitions / median["trainer"],
+        "overhead_wall": median["plain"] / median["trainer"] - 1.0,
+        "overhead_cpu": median["plain_cpu"] / median["trainer_cpu"] - 1.0,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dotlist overrides of conf/default.yaml")
@@ -102,44 +147,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_trainer.json")
     args = parser.parse_args()
 
-    cfg = load_config(["method=fcl", *args.overrides])
-    torch.set_num_threads(cfg.pretrain.threads)
-    volumes = _volumes(args.volumes, args.depth, tuple(cfg.data.image_size), cfg.seed)
-    remote = _remote_bank(args.remote_rows, cfg.model.proj_dim, cfg.data.num_partitions, cfg.seed)
-    k = cfg.pretrain.bank_sample_size
-    bank = torch.from_numpy(remote[0][:k]).clone()
-    bank_part = torch.from_numpy(remote[1][:k]).clone()
-
-    runs: dict[str, list[float]] = {"trainer": [], "trainer_cpu": [], "plain": [], "plain_cpu": [], "sampler": []}
-    weights = initial_weights(cfg)
-    with tempfile.TemporaryDirectory() as state_dir:
-        for rep in range(args.repeats + 1):  # the first pair warms caches and is dropped
-            with Clock() as trainer:
-                result = pretrain_round(weights, remote, volumes, cfg, Path(state_dir), rep + 1)
-            slices, plain = plain_epoch(cfg, volumes, bank, bank_part, cfg.seed + rep)
-            aug_slices, aug = sampler_epoch(cfg, volumes, cfg.seed + rep)
-            if rep == 0:
-                continue
-            assert result.metrics["samples"] == slices
-            for key, value in (("trainer", slices / trainer.wall), ("trainer_cpu", slices / trainer.cpu),
-                               ("plain", slices / plain.wall), ("plain_cpu", slices / plain.cpu),
-                               ("sampler", aug_slices / aug.wall)):
-                runs[key].append(value)
-            print(f"repeat {rep}: trainer {runs['trainer'][-1]:.1f} slices/s wall, {runs['trainer_cpu'][-1]:.1f} cpu "
-                  f"({trainer.wall:.2f} s/epoch); plain loop {runs['plain'][-1]:.1f} wall, {runs['plain_cpu'][-1]:.1f} cpu; "
-                  f"sampling+augmentation alone {runs['sampler'][-1]:.0f} slices/s")
-
-    median = {key: statistics.median(values) for key, values in runs.items()}
-    report = {
-        "config": {"image_size": list(cfg.data.image_size), "channels": list(cfg.model.channels),
-                   "batch_slices": cfg.pretrain.batch_volumes * cfg.data.num_partitions, "bank_rows": k,
-                   "optimizer": cfg.pretrain.optimizer, "volumes": args.volumes, "depth": args.depth,
-                   "threads": cfg.pretrain.threads, "repeats": args.repeats},
-        "slices_per_s": median,
-        "epoch_seconds_wall": args.volumes * cfg.data.num_partitions / median["trainer"],
-        "overhead_wall": median["plain"] / median["trainer"] - 1.0,
-        "overhead_cpu": median["plain_cpu"] / median["trainer_cpu"] - 1.0,
-    }
+    report = measure(args.overrides, args.volumes, args.depth, args.repeats, args.remote_rows)
     print(json.dumps(report, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
