@@ -9,6 +9,8 @@ one every round): it lives in the site's state folder.
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
@@ -22,6 +24,29 @@ from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
 from fcl_flower.wire import SITE, bank_to_metrics, remote_bank_from_config
 
 SITE_TAG = "[site={}]"
+
+
+def process_start_time() -> float:
+    """When this process started, as ``time.time()`` (Linux ``/proc``, 10 ms ticks; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0
+    return time.time() - max(age, 0.0)
+
+
+_PROCESS_START: float | None = process_start_time()
+
+
+def message_start_time() -> float:
+    """When this process began serving the current message: its own start time for the
+    first message (a SuperNode starts a fresh ClientApp process per message), then the
+    time of the call (Ray reuses its actor processes across messages)."""
+    global _PROCESS_START
+    start, _PROCESS_START = _PROCESS_START, None
+    return time.time() if start is None else start
 
 
 class SiteFailure(RuntimeError):
@@ -42,8 +67,9 @@ def failures_named(site: str) -> Iterator[None]:
 class _SiteClient(NumPyClient):
     """Shared plumbing: config from the message, the site from the node config."""
 
-    def __init__(self, node_config: Mapping[str, Scalar]) -> None:
+    def __init__(self, node_config: Mapping[str, Scalar], started: float | None = None) -> None:
         self.node_config = dict(node_config)
+        self.started = time.time() if started is None else started
 
     def _site_label(self) -> str:
         return str(self.node_config.get("site-name") or self.node_config.get("partition-id", "?"))
@@ -79,9 +105,12 @@ class FCLClient(_SiteClient):
             remote = remote_bank_from_config(config) if cfg.relay.enabled else None
             store = RoundStateStore(site.state_dir / "pretrain")
             work = store.checkout(server_round)
+            called = time.time()
             result = pretrain_round(parameters, remote, volumes, cfg, work, server_round)
             store.commit(server_round, work)
             metrics: dict[str, Scalar] = {"site": site.name, **result.metrics}
+            # message in -> first training step: process start, imports, data, model build, state load
+            metrics["startup_seconds"] = called - self.started + result.metrics["setup_seconds"]
             metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
             return result.weights, result.num_samples, metrics
 
@@ -236,7 +265,7 @@ class StageClient(_SiteClient):
         stage = str(config.get("stage", "pretrain"))
         if stage not in STAGE_CLIENTS:
             raise SiteFailure(f"{SITE_TAG.format(self.node_config.get('site-name', '?'))} unknown stage {stage!r}")
-        return STAGE_CLIENTS[stage](self.node_config)
+        return STAGE_CLIENTS[stage](self.node_config, self.started)
 
     def get_properties(self, config: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """``{"site": name}``: lets the server map this node to its site (config: a fit config)."""
@@ -256,7 +285,7 @@ class StageClient(_SiteClient):
 
 def client_fn(context: Context):
     """Build the client for this node; the stage is chosen by the server per message."""
-    return StageClient(context.node_config).to_client()
+    return StageClient(context.node_config, message_start_time()).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

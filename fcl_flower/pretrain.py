@@ -231,6 +231,7 @@ def pretrain_round(
     Returns:
         The round's ``RoundResult``.
     """
+    entered = time.perf_counter()
     _check_method(cfg)
     if not volumes:
         raise ValueError("pretrain_round got no volumes")
@@ -296,6 +297,7 @@ def pretrain_round(
         "steps": float(len(losses)),
         "samples": float(slices),
         "seconds": seconds,
+        "setup_seconds": start - entered,  # model build, state load: before the first step
         "slices_per_second": slices / seconds if seconds > 0 else 0.0,
         "queue_rows": float(len(queue)),
         "remote_rows": float(0 if remote is None else remote[0].shape[0]),
