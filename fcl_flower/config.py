@@ -97,6 +97,7 @@ class PretrainSchema:
 class RelaySchema:
     enabled: bool = MISSING
     max_rows_per_site: int = MISSING
+    max_remote_rows: int = MISSING
     float16: bool = MISSING
     stale_after_rounds: int = MISSING
     max_rows: int = MISSING

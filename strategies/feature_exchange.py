@@ -12,7 +12,9 @@ federated contrastive learning (Wu et al., MICCAI 2021) needs on top:
 - ``configure_fit`` gives every sampled site its own ``FitIns`` whose config carries the
   *remote bank*: the stored banks of all other sites, concatenated in site-name order,
   each subsampled to ``max_rows_per_site`` rows and optionally cast to float16. A site
-  never receives its own bank.
+  never receives its own bank. ``max_remote_rows`` caps the whole remote bank, split
+  evenly over the other sites, so what a site downloads per round does not grow with the
+  number of sites.
 
 Site identity. A site is named by the string it reports in ``FitRes.metrics["site"]``.
 ``proxy.cid`` is the SuperNode's node id: stable in simulation, but a new id every time a
@@ -98,6 +100,11 @@ class FeatureExchange(Strategy):
         max_rows_per_site: relay at most this many rows of each other site's bank,
             sampled uniformly without replacement, seeded by (seed, round, source site),
             so every receiver gets the same rows of a site in a round; 0: all rows.
+        max_remote_rows: at most this many rows in the whole remote bank of one site:
+            each of its ``n`` other sites contributes at most ``max_remote_rows // n``
+            rows (plus one for ``max_remote_rows % n`` of them, chosen per round), drawn
+            from the rows above as a prefix of a permutation seeded by (seed, round,
+            source site), so receivers given the same count get the same rows; 0: no cap.
         float16: relay features as float16 (stored as float32 either way).
         stale_after_rounds: drop a stored bank this many rounds after it was received
             unless a newer one arrives; 0: never.
@@ -121,12 +128,14 @@ class FeatureExchange(Strategy):
         norm_tolerance: float,
         seed: int,
         identify_timeout: float | None = None,
+        max_remote_rows: int = 0,
     ) -> None:
         super().__init__()
         for name, value, least in (
             ("proj_dim", proj_dim, 1),
             ("num_partitions", num_partitions, 1),
             ("max_rows_per_site", max_rows_per_site, 0),
+            ("max_remote_rows", max_remote_rows, 0),
             ("stale_after_rounds", stale_after_rounds, 0),
             ("max_rows", max_rows, 1),
         ):
@@ -139,6 +148,7 @@ class FeatureExchange(Strategy):
         self.proj_dim = proj_dim
         self.num_partitions = num_partitions
         self.max_rows_per_site = max_rows_per_site
+        self.max_remote_rows = max_remote_rows
         self.float16 = float16
         self.stale_after_rounds = stale_after_rounds
         self.max_rows = max_rows
@@ -171,6 +181,7 @@ class FeatureExchange(Strategy):
             norm_tolerance=float(relay.norm_tolerance),
             seed=int(cfg.seed),
             identify_timeout=cfg.federation.round_timeout,
+            max_remote_rows=int(relay.get("max_remote_rows", 0)),
         )
 
     def __repr__(self) -> str:
@@ -237,9 +248,11 @@ class FeatureExchange(Strategy):
                 log(INFO, "relay: node %s has no known site yet; no remote bank this round",
                     proxy.cid)
             elif others:
+                rows = [self._capped(site, relayed[site], count, server_round)
+                        for site, count in zip(others, self._shares(others, server_round), strict=True)]
                 remote = wire.remote_bank_to_config(
-                    np.concatenate([relayed[site][0] for site in others]),
-                    np.concatenate([relayed[site][1] for site in others]),
+                    np.concatenate([features for features, _ in rows]),
+                    np.concatenate([partitions for _, partitions in rows]),
                     n_sites=len(others),
                 )
             record.down[proxy.cid] = self._down_entry(ins.parameters, remote)
@@ -481,6 +494,27 @@ class FeatureExchange(Strategy):
             rows = np.sort(rng.choice(len(partitions), self.max_rows_per_site, replace=False))
             features, partitions = features[rows], partitions[rows]
         return features.astype(np.float16 if self.float16 else np.float32), partitions
+
+    def _shares(self, others: list[str], server_round: int) -> list[int | None]:
+        """Rows each of ``others`` may contribute under ``max_remote_rows`` (None: no cap)."""
+        if self.max_remote_rows == 0:
+            return [None] * len(others)
+        base, extra = divmod(self.max_remote_rows, len(others))
+        # the `extra` sites that get one row more: a per-round order, the same for every receiver
+        order = sorted(others, key=lambda site: zlib.crc32(f"{self.seed}:{server_round}:{site}".encode()))
+        lucky = set(order[:extra])
+        return [base + (site in lucky) for site in others]
+
+    def _capped(
+        self, site: str, rows: tuple[np.ndarray, np.ndarray], count: int | None, server_round: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``count`` rows of a (seed, round, site)-seeded permutation of ``rows``, in order."""
+        features, partitions = rows
+        if count is None or count >= len(partitions):
+            return features, partitions
+        rng = np.random.default_rng([self.seed % 2**32, server_round, zlib.crc32(site.encode()), 1])
+        keep = np.sort(rng.permutation(len(partitions))[:count])
+        return features[keep], partitions[keep]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -177,6 +177,54 @@ def test_subsampling_is_bounded_deterministic_and_from_the_source() -> None:
     assert not np.array_equal(first[CIDS["B"]][0], later[CIDS["B"]][0])  # reseeded per round
 
 
+def test_total_cap_bounds_the_remote_bank_whatever_the_number_of_sites() -> None:
+    sites = {f"s{i:02d}": str(200 + i) for i in range(7)}
+    banks = {s: unit_bank(20, i) for i, s in enumerate(sites)}
+
+    def remote(cap: int, server_round: int = 2) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        fx = relay(max_rows_per_site=8, max_remote_rows=cap, seed=3)
+        cm, proxies = manager(list(sites.values()))
+        instructions = fx.configure_fit(server_round - 1, ndarrays_to_parameters(WEIGHTS), cm)
+        fx.aggregate_fit(server_round - 1, [(proxies[sites[s]], fit_res(s, banks[s])) for s in banks], [])
+        instructions = fx.configure_fit(server_round, ndarrays_to_parameters(WEIGHTS), cm)
+        report = fx.last_round_report()
+        got = remote_by_cid(instructions)
+        for proxy, ins in instructions:
+            assert ins.config[wire.REMOTE_ROWS] == len(got[proxy.cid][0])  # type: ignore[index]
+        assert report is not None
+        return {s: got[cid] for s, cid in sites.items()}  # type: ignore[misc]
+
+    uncapped = remote(0)
+    assert all(len(r[0]) == 6 * 8 for r in uncapped.values())
+    capped = remote(20)  # 6 other sites share 20 rows: 3 or 4 rows each
+    all_rows = {r.tobytes() for b in banks.values() for r in b[0]}
+    for site, (features, parts) in capped.items():
+        assert len(features) == len(parts) == 20
+        own = {r.tobytes() for r in banks[site][0]}
+        assert {r.tobytes() for r in features} <= all_rows - own
+        assert len({r.tobytes() for r in features}) == 20  # without replacement
+    # a cap above what the sites hold changes nothing
+    for site in sites:
+        np.testing.assert_array_equal(remote(1000)[site][0], uncapped[site][0])
+    # reproducible, and reseeded per round
+    again, later = remote(20), remote(20, server_round=3)
+    assert all(np.array_equal(capped[s][0], again[s][0]) for s in sites)
+    assert not all(np.array_equal(capped[s][0], later[s][0]) for s in sites)
+
+
+def test_total_cap_gives_every_receiver_the_same_rows_of_a_source() -> None:
+    fx = relay(max_remote_rows=4, seed=1)
+    big = {s: unit_bank(10, i) for i, s in enumerate(CIDS)}
+    cm, proxies = manager(list(CIDS.values()))
+    run_round(fx, 1, cm, proxies, {s: fit_res(s, big[s]) for s in big})
+    got = remote_by_cid(fx.configure_fit(2, ndarrays_to_parameters(WEIGHTS), cm))
+    # B and C both receive 2 rows of A (4 rows shared by 2 other sites): the same 2 rows.
+    rows_of_a = {r.tobytes() for r in big["A"][0]}
+    at_b = [r.tobytes() for r in got[CIDS["B"]][0] if r.tobytes() in rows_of_a]  # type: ignore[index]
+    at_c = [r.tobytes() for r in got[CIDS["C"]][0] if r.tobytes() in rows_of_a]  # type: ignore[index]
+    assert len(at_b) == 2 and at_b == at_c
+
+
 def test_float16_relay() -> None:
     fx = relay(float16=True)
     cm, _ = round_one(fx)
@@ -508,11 +556,12 @@ def test_from_config_reads_relay_model_data_and_seed() -> None:
         True, 16, cfg.data.num_partitions, 7, 3
     )
     assert fx.float16 == cfg.relay.float16 and fx.max_rows == cfg.relay.max_rows
+    assert fx.max_remote_rows == cfg.relay.max_remote_rows
 
 
 @pytest.mark.parametrize(
     "bad", [{"proj_dim": 0}, {"max_rows_per_site": -1}, {"stale_after_rounds": -1},
-            {"max_rows": 0}, {"norm_tolerance": -0.1}, {"num_partitions": 0}]
+            {"max_rows": 0}, {"norm_tolerance": -0.1}, {"num_partitions": 0}, {"max_remote_rows": -1}]
 )
 def test_constructor_rejects_bad_options(bad: dict) -> None:
     with pytest.raises(ValueError):
