@@ -1,6 +1,8 @@
 """A real deployment on loopback: SuperLink with TLS + SuperNode auth, one SuperNode per site.
 
-Two federations are started (each process once), both with tiny model/data sizes:
+Two federations are started (each process once), both with tiny model/data sizes, one
+after the other (the crash test comes first, so the module fixture's processes do not
+idle alongside it):
 
 * ``federation`` (module fixture): 3 healthy sites + 1 site whose data has a corrupt file,
   2 rounds of FCL; afterwards the same SuperLink is used to check that an unregistered
@@ -72,6 +74,62 @@ def wait_exit(proc: ManagedProcess, timeout: float) -> int:
     while proc.popen.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     return proc.popen.poll()
+
+
+# -- crashes and restarts ----------------------------------------------------------------
+def test_supernode_crash_and_superlink_restart_resume(certs, caches, tmp_path):
+    """Kill a SuperNode in round 2, restart it; stop the SuperLink in round 3; resume."""
+    out = tmp_path / "run"
+    cfg = load_config(tiny(
+        caches, "sites=3", "rounds=3", f"output_dir={out}", "federation.round_timeout=150",
+        "federation.min_available_sites=2", "federation.min_fit_sites=2",
+    ))
+    cfg, data_dirs = prepare_local(cfg)
+    d = LocalDeployment(cfg, data_dirs, certs_dir=certs.root, echo=None)
+    try:
+        d.start_superlink()
+        d.register_all()
+        d.start_supernodes()
+        first_run = d.submit()
+        d.wait_for_round(1, 400)
+
+        # SIGKILL site_01's SuperNode (and its ClientApp) while it trains round 2
+        killed_log = d.logs / "supernode-site_01.log"
+        wait_until(lambda: count_in(killed_log, CLIENTAPP_STARTED) >= 2, 200, "site_01 to start round 2")
+        d.kill_supernode("site_01")
+        records = d.wait_for_round(2, 400)
+        assert set(records[1]["sites"]) == {"site_00", "site_02"}  # the round ended with the others
+        assert records[1]["failures"], records[1]
+        before = records[:2]
+
+        # restart it: accepted as soon as the SuperLink has marked the killed session offline
+        d.start_supernode("site_01", retry_for=150)
+        # the run went on: round 3 is under way at the other sites
+        other_log = d.logs / "supernode-site_00.log"
+        wait_until(lambda: count_in(other_log, CLIENTAPP_STARTED) >= 3, 200, "round 3 to start")
+
+        # stop the SuperLink and its ServerApp during round 3, start again, resume
+        d.stop_superlink()
+        assert not d.completed() and [r["round"] for r in d.records()] == [1, 2]
+        d.start_superlink()
+        assert first_run in d.stop_stale_runs()
+        second_run = d.submit(["resume=true", "federation.min_available_sites=3"])
+        status = d.follow(second_run, timeout=600, echo=lambda line: None)
+        assert status == "finished:completed", (d.logs / "run.log").read_text()[-3000:]
+        assert d.completed()
+
+        records = d.records()
+        assert [r["round"] for r in records] == [1, 2, 3]  # nothing lost, nothing twice
+        assert records[:2] == before  # completed rounds are kept as they were
+        assert "resumed from" in (d.logs / "run.log").read_text()
+        assert (out / "checkpoints" / "round-00003.npz").is_file()
+        r3 = records[2]["sites"]
+        assert set(r3) == {"site_00", "site_01", "site_02"}  # site_01 rejoined ...
+        # ... with its state from disk: its queue holds the rows of round 1 and round 3
+        assert r3["site_01"]["queue_rows"] == records[0]["sites"]["site_01"]["samples"] + r3["site_01"]["samples"]
+    finally:
+        d.stop_all()
+        assert d.survivors() == []
 
 
 # -- a healthy federation with one broken site ------------------------------------------
@@ -179,62 +237,6 @@ def test_connections_without_the_ca_are_refused(federation, tmp_path):
             (home / "config.toml").write_text((home / "config.toml").read_text().replace("insecure = true\n", ""))
         with pytest.raises(FlowerProcessError, match="unavailable"):
             flwr_cli(["list", "x"], flower_env(home), timeout=60)
-
-
-# -- crashes and restarts ----------------------------------------------------------------
-def test_supernode_crash_and_superlink_restart_resume(certs, caches, tmp_path):
-    """Kill a SuperNode in round 2, restart it; stop the SuperLink in round 3; resume."""
-    out = tmp_path / "run"
-    cfg = load_config(tiny(
-        caches, "sites=3", "rounds=3", f"output_dir={out}", "federation.round_timeout=150",
-        "federation.min_available_sites=2", "federation.min_fit_sites=2",
-    ))
-    cfg, data_dirs = prepare_local(cfg)
-    d = LocalDeployment(cfg, data_dirs, certs_dir=certs.root, echo=None)
-    try:
-        d.start_superlink()
-        d.register_all()
-        d.start_supernodes()
-        first_run = d.submit()
-        d.wait_for_round(1, 400)
-
-        # SIGKILL site_01's SuperNode (and its ClientApp) while it trains round 2
-        killed_log = d.logs / "supernode-site_01.log"
-        wait_until(lambda: count_in(killed_log, CLIENTAPP_STARTED) >= 2, 200, "site_01 to start round 2")
-        d.kill_supernode("site_01")
-        records = d.wait_for_round(2, 400)
-        assert set(records[1]["sites"]) == {"site_00", "site_02"}  # the round ended with the others
-        assert records[1]["failures"], records[1]
-        before = records[:2]
-
-        # restart it: accepted as soon as the SuperLink has marked the killed session offline
-        d.start_supernode("site_01", retry_for=150)
-        # the run went on: round 3 is under way at the other sites
-        other_log = d.logs / "supernode-site_00.log"
-        wait_until(lambda: count_in(other_log, CLIENTAPP_STARTED) >= 3, 200, "round 3 to start")
-
-        # stop the SuperLink and its ServerApp during round 3, start again, resume
-        d.stop_superlink()
-        assert not d.completed() and [r["round"] for r in d.records()] == [1, 2]
-        d.start_superlink()
-        assert first_run in d.stop_stale_runs()
-        second_run = d.submit(["resume=true", "federation.min_available_sites=3"])
-        status = d.follow(second_run, timeout=600, echo=lambda line: None)
-        assert status == "finished:completed", (d.logs / "run.log").read_text()[-3000:]
-        assert d.completed()
-
-        records = d.records()
-        assert [r["round"] for r in records] == [1, 2, 3]  # nothing lost, nothing twice
-        assert records[:2] == before  # completed rounds are kept as they were
-        assert "resumed from" in (d.logs / "run.log").read_text()
-        assert (out / "checkpoints" / "round-00003.npz").is_file()
-        r3 = records[2]["sites"]
-        assert set(r3) == {"site_00", "site_01", "site_02"}  # site_01 rejoined ...
-        # ... with its state from disk: its queue holds the rows of round 1 and round 3
-        assert r3["site_01"]["queue_rows"] == records[0]["sites"]["site_01"]["samples"] + r3["site_01"]["samples"]
-    finally:
-        d.stop_all()
-        assert d.survivors() == []
 
 
 # -- plumbing (no Flower processes) --------------------------------------------------------
