@@ -372,6 +372,26 @@ class FinetuneStage:
             fh.write(json.dumps({"method": self.cfg.method, **record}) + "\n")
 
 
+def stage_time_budget(cfg: DictConfig) -> float:
+    """Seconds the fine-tuning stage may take at most (a watchdog bound for the runner, not an estimate).
+
+    The local k-fold message is bounded by ``finetune.local_timeout`` (or Flower's 12 h
+    message TTL), local pre-training likewise, and every federated round and evaluation
+    by ``federation.round_timeout`` (or 1 h).
+    """
+    ft = cfg.finetune
+    message_ttl = float(ft.local_timeout or 43_200)
+    round_s = float(cfg.federation.round_timeout or 3600)
+    budget = 0.0
+    if ft.init == "local_pretrain":
+        budget += message_ttl
+    if "local" in ft.tasks:
+        budget += message_ttl
+    if "federated" in ft.tasks:
+        budget += len(ft.n_labeled) * (ft.run_folds or ft.folds) * (ft.rounds + 1) * round_s
+    return budget
+
+
 def run_finetune_stage(server: "FCLServer", timeout: float | None) -> int:
     """Run the fine-tuning stage of ``server``'s run; returns the number of site failures."""
     return FinetuneStage(server, timeout).run()

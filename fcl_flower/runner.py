@@ -76,6 +76,10 @@ def simulate(cfg: DictConfig) -> int:
             },
         )
         budget = 600 + cfg.rounds * (cfg.federation.round_timeout or 3600)
+        if "finetune" in cfg.stages:
+            from fcl_flower.finetune_stage import stage_time_budget
+
+            budget += stage_time_budget(cfg)
         status = follow_run(run_id, CONNECTION, env, out / "logs" / "run.log", budget, echo=progress_filter)
     except FlowerProcessError as exc:
         print(f"fcl-flower: {exc}", file=sys.stderr)

@@ -249,3 +249,15 @@ def cfg_factory_free():
     from fcl_flower.config import load_config
 
     return load_config()
+
+
+def test_stage_time_budget_bounds_every_message() -> None:
+    from fcl_flower.config import load_config
+    from fcl_flower.finetune_stage import stage_time_budget
+
+    cfg = load_config(["finetune.local_timeout=100", "federation.round_timeout=10", "finetune.n_labeled=[1,2]",
+                       "finetune.folds=5", "finetune.run_folds=2", "finetune.rounds=3"])
+    assert stage_time_budget(cfg) == 100 + 2 * 2 * (3 + 1) * 10
+    assert stage_time_budget(load_config(["finetune.tasks=[federated]", "federation.round_timeout=10",
+                                          "finetune.n_labeled=[1]", "finetune.rounds=1"])) == 5 * 2 * 10
+    assert stage_time_budget(load_config(["finetune.tasks=[local]", "finetune.init=local_pretrain"])) == 2 * 43_200
