@@ -99,6 +99,23 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
     return deploy_local(load_config(args.overrides, args.config_file), sites=args.sites)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``fcl-flower bench [OPTIONS]``: every option goes to ``simulations/benchmark.py`` (see main)."""
+    import importlib.util
+
+    from fcl_flower.runner import APP_DIR
+
+    path = APP_DIR / "simulations" / "benchmark.py"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: fcl-flower bench runs from a checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("fcl_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcl-flower", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,11 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=None, help="number of SuperNodes (default: the config's 'sites')")
     _add_config_args(p)
     p.set_defaults(func=_cmd_deploy_local)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark suite (trainer, round time, relay bytes, scale, deployment start-up): docs/BENCHMARKS.md",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of simulations/benchmark.py (--quick, --help)")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options (--quick, --help, ...) belong to simulations/benchmark.py
+        args = argparse.Namespace(func=_cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     from fcl_flower.data.errors import DataError
     from fcl_flower.processes import FlowerProcessError
