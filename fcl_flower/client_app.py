@@ -111,7 +111,8 @@ class FCLClient(_SiteClient):
             metrics: dict[str, Scalar] = {"site": site.name, **result.metrics}
             # message in -> first training step: process start, imports, data, model build, state load
             metrics["startup_seconds"] = called - self.started + result.metrics["setup_seconds"]
-            metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
+            if cfg.relay.enabled:  # with the relay off, no feature leaves the site
+                metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
             return result.weights, result.num_samples, metrics
 
     def evaluate(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:

@@ -23,10 +23,8 @@ stopping the SuperLink's process group alone would leave the ServerApp running).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ from fcl_flower.certs import CertPaths, ensure_certs
 from fcl_flower.config import config_to_yaml, with_overrides
 from fcl_flower.processes import (
     BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, flwr_cli, follow_run, free_port,
-    run_status, submit_run, wait_for_port, write_connection,
+    is_alive, run_status, stop_tree, submit_run, wait_for_port, write_connection,
 )
 
 CONNECTION = "deploy"
@@ -48,91 +46,6 @@ ACTIVE_STATES = ("pending", "starting", "running")
 
 
 # -- process trees --------------------------------------------------------------------
-def descendants(pid: int) -> list[int]:
-    """PIDs of all live descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo.extend(children.get(child, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_tree(process: ManagedProcess, grace: float = 10.0, sig: int = signal.SIGTERM) -> list[int]:
-    """Stop ``process``, its process group and every descendant's process group, by PID.
-
-    The tree is collected before signalling (orphans are re-parented to init once their
-    parent dies); whatever is still alive after ``grace`` seconds gets SIGKILL. Returns
-    the PIDs it signalled.
-    """
-    if process.popen is None:
-        return []
-    pids = [process.pid, *descendants(process.pid)]
-    own_group = os.getpgrp()
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    groups.discard(own_group)
-
-    def signal_all(s: int) -> None:
-        for group in groups:
-            try:
-                os.killpg(group, s)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, s)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    signal_all(sig)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        process.popen.poll()
-        if not any(_alive(p) for p in pids):
-            break
-        time.sleep(0.2)
-    if any(_alive(p) for p in pids):
-        signal_all(signal.SIGKILL)
-    try:
-        process.popen.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    return pids
-
-
-# -- the deployment -------------------------------------------------------------------
 def site_data_dirs(cfg: DictConfig, sites: int) -> dict[str, Path]:
     """The first ``sites`` site folders of ``cfg.data.root`` (manifest order, else sorted)."""
     root = Path(cfg.data.root)
@@ -396,7 +309,7 @@ class LocalDeployment:
                 return True
             return b"flwr" in cmdline or b"flower" in cmdline
 
-        return sorted(p for p in self.signalled if _alive(p) and flower_process(p))
+        return sorted(p for p in self.signalled if is_alive(p) and flower_process(p))
 
     def __enter__(self) -> "LocalDeployment":
         return self
@@ -497,4 +410,4 @@ def deploy_local(cfg: DictConfig, sites: int | None = None) -> int:
     return 0
 
 
-__all__ = ["LocalDeployment", "deploy_local", "prepare_local", "snapshot_app", "descendants", "site_data_dirs", "stop_tree"]
+__all__ = ["LocalDeployment", "deploy_local", "prepare_local", "snapshot_app", "site_data_dirs"]

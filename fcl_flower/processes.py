@@ -106,23 +106,97 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """Signal the whole process group, wait up to ``grace`` seconds, then SIGKILL it."""
-        if self.popen is None:
-            return
+    def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> list[int]:
+        """Stop the process and every descendant (``stop_tree``); returns the PIDs signalled."""
+        return stop_tree(self, grace=grace, sig=sig)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            os.killpg(self.popen.pid, sig)
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
+
+
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_tree(process: ManagedProcess, grace: float = 10.0, sig: int = signal.SIGTERM) -> list[int]:
+    """Stop ``process``, its process group and every descendant's process group, by PID.
+
+    The tree is collected before signalling (orphans are re-parented to init once their
+    parent dies); whatever is still alive after ``grace`` seconds gets SIGKILL. Returns
+    the PIDs it signalled.
+    """
+    if process.popen is None:
+        return []
+    pids = [process.pid, *descendants(process.pid)]
+    own_group = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
         except ProcessLookupError:
             pass
-        try:
-            self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # children that outlive the leader still belong to the group
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.popen.wait(timeout=grace)
+    groups.discard(own_group)
+
+    def signal_all(s: int) -> None:
+        for group in groups:
+            try:
+                os.killpg(group, s)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, s)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    signal_all(sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.popen.poll()
+        if not any(is_alive(p) for p in pids):
+            break
+        time.sleep(0.2)
+    if any(is_alive(p) for p in pids):
+        signal_all(signal.SIGKILL)
+    try:
+        process.popen.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    return pids
+
+
+# -- the deployment -------------------------------------------------------------------
 
 
 def flwr_cli(args: Sequence[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 120) -> str:
@@ -163,7 +237,7 @@ def run_status(run_id: int, connection: str, env: dict[str, str]) -> str:
 
 def follow_run(
     run_id: int, connection: str, env: dict[str, str], log_path: Path, timeout: float,
-    echo: Callable[[str], None] | None = None, poll: float = 2.0,
+    echo: Callable[[str], None] | None = None, poll: float = 5.0,
 ) -> str:
     """Stream the run's log into ``log_path`` (passing each line to ``echo``) until it ends.
 

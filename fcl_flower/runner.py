@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fcl_flower.config import config_to_yaml
+from fcl_flower.site import resolve_data_root
 from fcl_flower.processes import (
     BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, follow_run, free_port, submit_run,
     wait_for_port, write_connection,
@@ -44,7 +45,7 @@ def simulate(cfg: DictConfig) -> int:
     """Run ``cfg`` on the Ray simulation engine; 0 if it completed and wrote its outputs."""
     from fcl_flower.server_app import prepare_run
 
-    cfg = prepare_run(cfg)
+    cfg = resolve_data_root(prepare_run(cfg))  # generate the built-in data before Flower starts
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.yaml"

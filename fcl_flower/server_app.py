@@ -33,7 +33,6 @@ from fcl_flower.config import ConfigError, config_from_yaml, config_to_yaml, loa
 from fcl_flower.metrics import RunRecorder
 from fcl_flower.models import encoder_from_weights, save_encoder
 from fcl_flower.pretrain import initial_weights
-from fcl_flower.site import resolve_data_root
 from strategies.feature_exchange import FeatureExchange
 from strategies.registry import build_strategy
 
@@ -47,14 +46,18 @@ class RunExistsError(ConfigError):
 
 
 def prepare_run(cfg: DictConfig) -> DictConfig:
-    """The config a run uses: absolute ``output_dir``, data root resolved; guard old runs."""
+    """The config a run uses: absolute ``output_dir``; refuses to overwrite an earlier run.
+
+    The data root is not resolved here: the coordinator never reads site data (in
+    simulation each client resolves ``data.root``, generating the built-in data once).
+    """
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     if not cfg.resume and any((output_dir / "checkpoints").glob("round-*.npz")):
         raise RunExistsError(
             f"output_dir {output_dir} already holds a run: pass resume=true to continue it, "
             "or choose another output_dir (nothing was overwritten)"
         )
-    return resolve_data_root(with_overrides(cfg, [f"output_dir={output_dir}"]))
+    return with_overrides(cfg, [f"output_dir={output_dir}"])
 
 
 class FCLServer(Server):
@@ -164,6 +167,18 @@ class FCLServer(Server):
                 name = str(eres.metrics.get("site", "?"))
                 if name in sites:
                     sites[name]["eval_loss"] = eres.loss
+        failed = [describe_failure(f) for f in failures]
+        # Flower's failure exceptions carry no node: name the unnamed ones after the
+        # sampled sites that neither returned a result nor a named failure.
+        named = {f["site"] for f in failed}
+        missing = sorted(
+            name for name, entry in report.get("sites", {}).items()
+            if not entry.get("returned") and name not in named and not name.startswith("node:")
+        )
+        unnamed = [f for f in failed if f["site"] == "?"]
+        if len(unnamed) == len(missing):
+            for failure, name in zip(unnamed, missing):
+                failure["site"] = name
         n = sum(s.get("samples", 0) or 0 for s in sites.values())
         loss = sum(s["loss"] * (s.get("samples", 0) or 0) for s in sites.values() if "loss" in s) / n if n else None
         return {
@@ -173,7 +188,7 @@ class FCLServer(Server):
             "loss": loss,
             "eval_loss": eval_loss,
             "sites": sites,
-            "failures": [describe_failure(f) for f in failures],
+            "failures": failed,
             "rejected_banks": report.get("rejected", []),
         }
 

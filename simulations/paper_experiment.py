@@ -162,8 +162,9 @@ def run_inprocess(cfg: DictConfig) -> int:
 
     from fcl_flower.client_app import client_fn
     from fcl_flower.server_app import prepare_run, server_fn
+    from fcl_flower.site import resolve_data_root
 
-    cfg = prepare_run(cfg)
+    cfg = resolve_data_root(prepare_run(cfg))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "config.yaml"
@@ -453,11 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[paper] profile {args.profile}, engine {args.engine}, methods {methods}, runs in {out}", flush=True)
 
     from fcl_flower.server_app import prepare_run
+    from fcl_flower.site import resolve_data_root
 
     failed, timings, first_cfg = [], {}, None
     by_name = {m.name: m for m in METHODS}
     for method in (by_name[n] for n in RUN_ORDER if n in methods):
-        cfg = prepare_run(method_config(method, args.profile, out, args.overrides))
+        cfg = resolve_data_root(prepare_run(method_config(method, args.profile, out, args.overrides)))
         first_cfg = first_cfg or cfg
         if finished(cfg):
             print(f"[paper] {method.name}: all cells finished in {cfg.output_dir} (same config): skipped", flush=True)

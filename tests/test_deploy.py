@@ -26,7 +26,8 @@ import pytest
 
 from fcl_flower.certs import CertPaths, generate_certs, site_names
 from fcl_flower.config import load_config
-from fcl_flower.deploy import CONNECTION, LocalDeployment, prepare_local, stop_tree
+from fcl_flower.deploy import CONNECTION, LocalDeployment, prepare_local
+from fcl_flower.processes import stop_tree
 from fcl_flower.processes import FlowerProcessError, ManagedProcess, flower_env, flwr_cli, write_connection
 
 pytestmark = pytest.mark.slow
@@ -245,7 +246,7 @@ def test_stop_tree_reaches_descendants_in_other_sessions(tmp_path):
     import os
     import sys
 
-    from fcl_flower.deploy import _alive, descendants
+    from fcl_flower.processes import descendants, is_alive
 
     pid_file = tmp_path / "grandchild.pid"
     spawn = (
@@ -261,7 +262,7 @@ def test_stop_tree_reaches_descendants_in_other_sessions(tmp_path):
         assert os.getpgid(grandchild) != os.getpgid(proc.pid)
         signalled = stop_tree(proc, grace=5)
         assert grandchild in signalled
-        wait_until(lambda: not _alive(grandchild), 10, "the grandchild to die")
+        wait_until(lambda: not is_alive(grandchild), 10, "the grandchild to die")
         assert not proc.alive()
     finally:
         stop_tree(proc, grace=1, sig=9)

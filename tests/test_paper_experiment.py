@@ -50,6 +50,13 @@ def test_methods_cover_the_tables() -> None:
     assert not by["fedsimclr"].relay.enabled and by["fedsimclr"].method == "simclr"
 
 
+def resolved(cfg):
+    """The config the driver runs a method with."""
+    from fcl_flower.site import resolve_data_root
+
+    return resolve_data_root(prepare_run(cfg))
+
+
 def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkeypatch) -> None:
     out = tmp_path / "runs"
     started: list[str] = []
@@ -61,11 +68,11 @@ def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkey
 
     monkeypatch.setitem(pe.ENGINES, "inprocess", fake_engine)
     by = {m.name: m for m in pe.METHODS}
-    fcl_cfg = prepare_run(pe.method_config(by["fcl"], "quick", out, isolated))
+    fcl_cfg = resolved(pe.method_config(by["fcl"], "quick", out, isolated))
     _fake_results(fcl_cfg)  # finished, same config: skipped
-    sim_cfg = prepare_run(pe.method_config(by["fedsimclr"], "quick", out, isolated))
+    sim_cfg = resolved(pe.method_config(by["fedsimclr"], "quick", out, isolated))
     _fake_results(sim_cfg, complete=False)  # a cell not complete: run again
-    rot_cfg = prepare_run(pe.method_config(by["fedrotation"], "quick", out, isolated))
+    rot_cfg = resolved(pe.method_config(by["fedrotation"], "quick", out, isolated))
     _fake_results(rot_cfg, key="another-config")  # computed under another config: run again
     assert pe.finished(fcl_cfg) and not pe.finished(sim_cfg) and not pe.finished(rot_cfg)
 
