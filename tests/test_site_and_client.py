@@ -98,3 +98,19 @@ def test_a_site_error_is_reraised_naming_the_site(small_cfg, tmp_path: Path):
     wrapped = ValueError(f"Message contains an Error (reason: <'... Message: {err.value}'>)")
     assert describe_failure(wrapped)["site"] == "hospital-b"
     assert "DataError" in describe_failure(wrapped)["reason"]
+
+
+def test_a_failure_without_a_node_is_named_after_the_site_that_returned_nothing(small_cfg, tmp_path: Path):
+    from flwr.server.strategy import FedAvg
+
+    from fcl_flower.server_app import FCLServer
+    from strategies.feature_exchange import FeatureExchange
+
+    cfg = small_cfg(f"output_dir={tmp_path / 'run'}", "sites=3")
+    server = FCLServer(cfg, FeatureExchange.from_config(FedAvg(), cfg))
+    server.relay.last_round_report = lambda: {"sites": {
+        "site_00": {"returned": True}, "site_01": {"returned": False}, "site_02": {"returned": False}}}
+    killed = ValueError("Message contains an Error (reason: node went away)")  # what Flower reports
+    named = ValueError("... Message: [site=site_02] DataError: /x: truncated'>")
+    record = server._round_record(1, "pretrain", [], [killed, named], None, 1.0)
+    assert sorted(f["site"] for f in record["failures"]) == ["site_01", "site_02"]
