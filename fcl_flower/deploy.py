@@ -36,7 +36,7 @@ from fcl_flower.certs import CertPaths, ensure_certs
 from fcl_flower.config import config_to_yaml, with_overrides
 from fcl_flower.processes import (
     BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, flwr_cli, follow_run, free_port,
-    is_alive, run_status, stop_tree, submit_run, wait_for_port, write_connection,
+    is_alive, report_outcome, run_status, stop_tree, submit_run, wait_for_port, write_connection,
 )
 
 CONNECTION = "deploy"
@@ -400,11 +400,7 @@ def deploy_local(cfg: DictConfig, sites: int | None = None) -> int:
         status = "interrupted"
     finally:
         deployment.stop_all()
-    if status != "finished:completed" or not deployment.completed():
-        print(
-            f"fcl-flower: run did not complete (status {status}, summary "
-            f"{'complete' if deployment.completed() else 'missing'}); see {out / 'logs'}", file=sys.stderr,
-        )
+    if report_outcome(status, deployment.completed(), out / "logs"):
         return 1
     print(f"[fcl] run complete; metrics in {out / 'rounds.jsonl'}, summary in {out / 'summary.json'}", flush=True)
     return 0

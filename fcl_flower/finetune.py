@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fcl_flower.data.splits import FoldSplit, kfold_splits
-from fcl_flower.models import Encoder, UNet, build_unet
+from fcl_flower.models import Encoder, UNet, build_unet, copy_arrays
 
 ACDC_CLASS_NAMES = ("rv", "myo", "lv")  # label values 1, 2, 3 of ACDC
 
@@ -95,15 +95,8 @@ def unet_weights(model: nn.Module) -> list[np.ndarray]:
 
 
 def set_unet_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
-    """Inverse of ``unet_weights``; casts each array to its tensor's dtype (FedAvg may give float64)."""
-    targets = list(model.state_dict().values())
-    if len(weights) != len(targets):
-        raise ValueError(f"expected {len(targets)} U-Net weight arrays, got {len(weights)}")
-    with torch.no_grad():
-        for t, w in zip(targets, weights):
-            if tuple(t.shape) != tuple(np.shape(w)):
-                raise ValueError(f"weight shape {np.shape(w)} does not match {tuple(t.shape)}")
-            t.copy_(torch.as_tensor(np.asarray(w)).to(t.dtype))
+    """Inverse of ``unet_weights``."""
+    copy_arrays(list(model.state_dict().values()), weights, "U-Net")
 
 
 def initial_unet_weights(cfg: DictConfig, encoder: Encoder | None) -> list[np.ndarray]:

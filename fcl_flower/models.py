@@ -202,16 +202,20 @@ def get_weights(encoder: Encoder, head: nn.Module) -> list[np.ndarray]:
     return [t.detach().cpu().numpy().copy() for t in (*encoder.state_dict().values(), *head.state_dict().values())]
 
 
-def set_weights(encoder: Encoder, head: nn.Module, weights: Sequence[np.ndarray]) -> None:
-    """Inverse of ``get_weights``; casts each array to its tensor's dtype (FedAvg may return float64)."""
-    targets = [*encoder.state_dict().values(), *head.state_dict().values()]
+def copy_arrays(targets: Sequence[torch.Tensor], weights: Sequence[np.ndarray], what: str) -> None:
+    """Copy ``weights`` into ``targets`` in order, each cast to its tensor's dtype (FedAvg may return float64)."""
     if len(weights) != len(targets):
-        raise ValueError(f"expected {len(targets)} weight arrays (encoder + head), got {len(weights)}")
+        raise ValueError(f"expected {len(targets)} weight arrays ({what}), got {len(weights)}")
     with torch.no_grad():
         for t, w in zip(targets, weights):
             if tuple(t.shape) != tuple(np.shape(w)):
                 raise ValueError(f"weight shape {np.shape(w)} does not match {tuple(t.shape)}")
             t.copy_(torch.as_tensor(np.asarray(w)).to(t.dtype))
+
+
+def set_weights(encoder: Encoder, head: nn.Module, weights: Sequence[np.ndarray]) -> None:
+    """Inverse of ``get_weights``."""
+    copy_arrays([*encoder.state_dict().values(), *head.state_dict().values()], weights, "encoder + head")
 
 
 def encoder_from_weights(cfg: DictConfig, weights: Sequence[np.ndarray]) -> Encoder:

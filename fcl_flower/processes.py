@@ -276,3 +276,15 @@ def _pump(stream: TextIO, log_path: Path, echo: Callable[[str], None] | None) ->
             log.flush()
             if echo is not None:
                 echo(line.rstrip("\n"))
+
+
+def report_outcome(status: str, completed: bool, logs: Path) -> int:
+    """0 if the run finished completed *and* wrote its summary; else say why on stderr, 1."""
+    if status == "finished:completed" and completed:
+        return 0
+    print(
+        f"fcl-flower: run did not complete (status {status}, summary {'complete' if completed else 'missing'}); "
+        f"see {logs}", file=sys.stderr,
+    )
+    return 1
+

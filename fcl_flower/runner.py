@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from fcl_flower.config import config_to_yaml
 from fcl_flower.site import resolve_data_root
 from fcl_flower.processes import (
-    BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, follow_run, free_port, submit_run,
+    BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, follow_run, free_port, report_outcome, submit_run,
     wait_for_port, write_connection,
 )
 
@@ -87,11 +87,7 @@ def simulate(cfg: DictConfig) -> int:
     finally:
         superlink.stop()
     completed = summary.is_file() and json.loads(summary.read_text()).get("completed") is True
-    if status != "finished:completed" or not completed:
-        print(
-            f"fcl-flower: run did not complete (status {status}, summary {'present' if summary.is_file() else 'missing'}); "
-            f"see {out / 'logs'}", file=sys.stderr,
-        )
+    if report_outcome(status, completed, out / "logs"):
         return 1
     print(f"[fcl] outputs in {out}: rounds.jsonl, rounds.csv, curves.png, checkpoints/, encoder.pt", flush=True)
     return 0
