@@ -90,7 +90,7 @@ class Profile:
     bytes_sites: tuple[int, ...] = (10, 50)
     scale_sites: tuple[int, ...] = (10, 50, 100)
     scale_rounds: int = 3
-    scale_patients: int = 2
+    scale_patients: int = 3  # 2 would leave no held-out patient (holdout_fraction 0.2), and evaluation crashes
     deploy_sites: int = 3
     deploy_rounds: int = 3
     deploy_extra: tuple[str, ...] = ()
@@ -711,6 +711,7 @@ def summary_keys(results: dict[str, Any]) -> dict[str, Any]:
         by = results["scale"]["by_sites"]
         largest = max(by, key=int)
         out["peak_rss_gb_100_sites"] = by[largest]["peak_rss_gb"]
+        out["scale_runs_completed"] = all(v["exit_code"] == 0 for v in by.values())
         out["peak_pss_gb_100_sites"] = by[largest]["peak_pss_gb"]
         out["peak_rss_sites_measured"] = int(largest)
         out["round_seconds_by_sites"] = {n: v["mean_round_seconds_after_first"] for n, v in by.items()}
@@ -863,13 +864,14 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
             "ClientApp actors) summed from `/proc` every 0.5 s. RSS counts shared pages (libraries, Ray's object "
             "store) once per process; PSS splits them.",
             "",
-            "| sites | seconds per round (all) | mean of rounds >= 2 | peak RSS GB | peak PSS GB | processes | failures | largest at the RSS peak |",
-            "|---|---|---|---|---|---|---|---|",
+            "| sites | completed | seconds per round (all) | mean of rounds >= 2 | CPU s per round >= 2 | peak RSS GB | peak PSS GB | processes | site failures | largest at the RSS peak (GB) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n, e in sc["by_sites"].items():
-            top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["peak_rss_by_process_gb"].items())[:4])
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["peak_rss_by_process_gb"].items())[:5])
             lines.append(
-                f"| {n} | {', '.join(f'{x:.1f}' for x in e['round_seconds'])} | {e['mean_round_seconds_after_first']:.1f} | "
+                f"| {n} | {'yes' if e['exit_code'] == 0 else '**no**'} | {', '.join(f'{x:.1f}' for x in e['round_seconds'])} | "
+                f"{e['mean_round_seconds_after_first']:.1f} | {', '.join(f'{x:.1f}' for x in e['round_cpu_seconds'])} | "
                 f"{e['peak_rss_gb']:.2f} | {e['peak_pss_gb']:.2f} | {e['max_processes']} | {e['failures']} | {top} |"
             )
         if sc.get("note"):
@@ -910,6 +912,8 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
             f"| training (`seconds`) | {a['train_seconds']:.2f} | |",
             "",
         ]
+    for name, error in doc.get("errors", {}).items():
+        lines += [f"## Section `{name}` failed", "", "```", error.strip()[-3000:], "```", ""]
     generated = "\n".join([BEGIN, *lines[1:], END])
     old = path.read_text() if path.is_file() else ""
     if BEGIN in old and END in old:
@@ -935,17 +939,27 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     machine = machine_info()
     echo(f"benchmark ({profile.name}): {machine['cpu']}, {machine['cores']} cores, load {machine['load_average_start']}")
     results: dict[str, Any] = {}
-    if "trainer" in sections:
-        echo("trainer throughput against a plain loop")
-        results["trainer"] = bench_trainer_section(profile, echo)
-    if "round" in sections:
-        results["round"] = bench_round_section(profile, work, echo)
-    if "bytes" in sections:
-        results["bytes"] = bench_bytes_section(profile, echo, (results.get("round", {}).get("runs", {}).get("fcl") or [None])[0])
-    if "scale" in sections:
-        results["scale"] = bench_scale_section(profile, work, echo, (results.get("round", {}).get("runs", {}).get("fcl") or [None])[0])
-    if "deploy" in sections:
-        results["deploy"] = bench_deploy_section(profile, work, echo)
+    errors: dict[str, str] = {}
+
+    def section(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if name not in sections:
+            return
+        try:
+            results[name] = fn()
+        except Exception:  # one broken section must not lose the others' results
+            import traceback
+
+            errors[name] = traceback.format_exc()
+            echo(f"section {name} failed:\n{errors[name]}")
+
+    def first_fcl_run() -> dict[str, Any] | None:
+        return (results.get("round", {}).get("runs", {}).get("fcl") or [None])[0]
+
+    section("trainer", lambda: bench_trainer_section(profile, echo))
+    section("round", lambda: bench_round_section(profile, work, echo))
+    section("bytes", lambda: bench_bytes_section(profile, echo, first_fcl_run()))
+    section("scale", lambda: bench_scale_section(profile, work, echo, first_fcl_run()))
+    section("deploy", lambda: bench_deploy_section(profile, work, echo))
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     command = " ".join(["fcl-flower bench", *(["--quick"] if args.quick else []),
                         *([f"--sections {args.sections}"] if args.sections else []), *map(shlex.quote, args.overrides)])
@@ -958,12 +972,14 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
         for run_ in runs_:
             run_.pop("records", None)
     doc["results"] = results
+    doc["errors"] = errors
     json_doc = {**doc["summary"], "profile": doc["profile"], "command": command, "finished": doc["finished"],
-                "seconds": doc["seconds"], "machine": machine, "details": results}
+                "seconds": doc["seconds"], "machine": machine, "errors": errors, "details": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmarks.json").write_text(json.dumps(json_doc, indent=2, default=float) + "\n")
     write_markdown(out_dir / "BENCHMARKS.md", doc)
-    echo(f"wrote {out_dir / 'BENCHMARKS.md'} and {out_dir / 'benchmarks.json'} in {doc['seconds'] / 60:.1f} min")
+    echo(f"wrote {out_dir / 'BENCHMARKS.md'} and {out_dir / 'benchmarks.json'} in {doc['seconds'] / 60:.1f} min"
+         + (f"; sections that failed: {sorted(errors)}" if errors else ""))
     return json_doc
 
 
@@ -978,8 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+    """Exit status 1 if a section failed (its error is in benchmarks.json and BENCHMARKS.md)."""
+    return 1 if run(build_parser().parse_args(argv))["errors"] else 0
 
 
 if __name__ == "__main__":
