@@ -204,8 +204,15 @@ class FeatureExchange(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """The wrapped strategy's evaluation aggregation, unchanged."""
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
+        """The wrapped strategy's evaluation aggregation over the sites that evaluated something.
+
+        A site with no held-out data answers with 0 examples; flwr's example-weighted
+        averages divide by the total, so such results are left out (all of them: no loss).
+        """
+        evaluated = [(proxy, res) for proxy, res in results if res.num_examples > 0]
+        if not evaluated:
+            return None, {}
+        return self.strategy.aggregate_evaluate(server_round, evaluated, failures)
 
     def evaluate(
         self, server_round: int, parameters: Parameters

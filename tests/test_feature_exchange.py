@@ -566,3 +566,14 @@ def test_from_config_reads_relay_model_data_and_seed() -> None:
 def test_constructor_rejects_bad_options(bad: dict) -> None:
     with pytest.raises(ValueError):
         relay(**bad)
+
+
+def test_sites_without_held_out_data_do_not_break_evaluation() -> None:
+    from flwr.common import EvaluateRes
+
+    fx = relay()
+    empty = EvaluateRes(Status(Code.OK, ""), 0.0, 0, {"site": "A"})
+    assert fx.aggregate_evaluate(1, [(StubProxy("1"), empty)], []) == (None, {})
+    real = EvaluateRes(Status(Code.OK, ""), 2.0, 4, {"site": "B"})
+    loss, _ = fx.aggregate_evaluate(1, [(StubProxy("1"), empty), (StubProxy("2"), real)], [])
+    assert loss == 2.0
