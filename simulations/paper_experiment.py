@@ -306,6 +306,51 @@ def paper_comparison(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def paired_gains(out: Path, methods: Sequence[str]) -> str:
+    """Each method's Dice minus random init's, paired by site (same splits, same test patients).
+
+    Cells: mean ± std over sites of the per-site difference, and on how many sites the
+    method is ahead. Only cells both runs have for the same sites are compared.
+    """
+    def site_dice(name: str) -> dict[tuple[str, int], dict[str, float]]:
+        path = out / name / "finetune" / "results.json"
+        if not path.is_file():
+            return {}
+        cells = json.loads(path.read_text())["cells"].values()
+        return {(c["finetune"], int(c["n_labeled"])): {s: float(v["dice"]) for s, v in c["sites"].items()} for c in cells}
+
+    base = site_dice("random")
+    if not base:
+        return ""
+    lines = []
+    for task, title in (("local", "Local"), ("federated", "Federated")):
+        budgets = sorted(n for t, n in base if t == task)
+        rows = []
+        for name in methods:
+            if name == "random":
+                continue
+            mine = site_dice(name)
+            cells = []
+            for n in budgets:
+                a, b = mine.get((task, n), {}), base[(task, n)]
+                common = sorted(set(a) & set(b))
+                if not common:
+                    cells.append("—")
+                    continue
+                d = [a[s] - b[s] for s in common]
+                mean = sum(d) / len(d)
+                std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+                cells.append(f"{mean:+.3f} ± {std:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
+            if any(c != "—" for c in cells):
+                rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+        if rows:
+            lines += [f"**{title} fine-tuning: gain over random init, paired by site** "
+                      "(mean ± std of the per-site Dice difference; sites where the method is ahead)\n",
+                      "| method | " + " | ".join(f"N={n}" for n in budgets) + " |",
+                      "|---|" + "---|" * len(budgets), *rows, ""]
+    return "\n".join(lines)
+
+
 def plot_dice_vs_n(rows: Sequence[dict[str, Any]], methods: Sequence[str], png: Path) -> Path:
     import matplotlib
 
@@ -390,7 +435,7 @@ def plot_overlays(out: Path, methods: Sequence[str], png: Path, task: str = "loc
 
 
 def generated_section(rows, methods, profile: str, command: str, cfg_text: str, timings: dict[str, float],
-                      docs: Path, collect_only: bool = False) -> str:
+                      docs: Path, collect_only: bool = False, out: Path | None = None) -> str:
     expected = {(m, t) for m in methods for t in ("local", "federated")}
     complete = bool(rows) and all(r["complete"] for r in rows) and expected <= {(r["method"], r["finetune"]) for r in rows}
     lines = [
@@ -400,6 +445,7 @@ def generated_section(rows, methods, profile: str, command: str, cfg_text: str, 
         + ("" if complete else "; **some cells are missing or incomplete**") + "._",
         "",
         markdown_tables(rows, methods),
+        paired_gains(out, methods) if out is not None else "",
         paper_comparison(rows),
         f"![Dice vs N]({'results_dice_vs_n.png'})",
         "",
@@ -486,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "tables.md").write_text(markdown_tables(rows, methods) + "\n" + paper_comparison(rows))
     cfg_text = config_to_yaml(first_cfg) if first_cfg is not None else ""
     run_command = command.replace(" --collect-only", "")
-    section = generated_section(rows, methods, args.profile, run_command, cfg_text, timings, docs, args.collect_only)
+    section = generated_section(rows, methods, args.profile, run_command, cfg_text, timings, docs, args.collect_only, out)
     update_results_md(docs / "RESULTS.md", section)
     print(markdown_tables(rows, methods), flush=True)
     print(f"[paper] wrote {docs / 'results.csv'}, {docs / 'results_dice_vs_n.png'}, {docs / 'RESULTS.md'}", flush=True)

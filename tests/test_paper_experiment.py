@@ -125,6 +125,7 @@ def test_quick_profile_end_to_end_inprocess(tmp_path, isolated) -> None:
     text = (docs / "RESULTS.md").read_text()
     assert text.startswith("# hand-written head") and text.rstrip().endswith("hand-written tail") and "\nold\n" not in text
     assert (docs / "results_overlays.png").is_file()
+    assert "gain over random init, paired by site" in text
     # the site state of the local-CL sites holds their own encoders; the FCL run its pre-trained one
     assert list((out / "local_cl" / "sites").glob("*/finetune/local_pretrained.npz"))
     assert (out / "fcl" / "encoder.pt").is_file() and not (out / "random" / "encoder.pt").exists()
