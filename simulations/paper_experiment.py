@@ -452,9 +452,10 @@ def generated_section(rows, methods, profile: str, command: str, cfg_text: str, 
     ]
     if (docs / "results_overlays.png").is_file():
         lines += ["![overlays](results_overlays.png)", ""]
-    if timings:
-        lines += ["Wall-clock per method (this invocation; 0 = already finished, skipped): "
-                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
+    ran = {k: v for k, v in timings.items() if v > 0}
+    if ran:
+        lines += ["Wall-clock per method run by this invocation (methods already finished are not listed): "
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in ran.items()), ""]
     lines += ["<details><summary>Resolved config (first method; the others differ only in the method keys)</summary>",
               "", "```yaml", cfg_text.strip(), "```", "", "</details>", END]
     return "\n".join(lines)
