@@ -354,6 +354,11 @@ def discover_sites(cfg) -> dict[str, list[VolumeRecord]]:
         for rec in records:
             out[owner[rec.patient]].append(replace(rec, site=owner[rec.patient]))
         return out
+    return {p.name: discover_site(p, fmt, use_4d) for p in _checked_site_folders(cfg, root)}
+
+
+def _checked_site_folders(cfg, root: Path) -> list[Path]:
+    """The site sub-folders of ``root``, sorted; ``DataError`` unless there are ``cfg.sites``."""
     folders = site_subfolders(root)
     if len(folders) != cfg.sites:
         names = ", ".join(p.name for p in folders[:12]) + (" ..." if len(folders) > 12 else "")
@@ -361,16 +366,25 @@ def discover_sites(cfg) -> dict[str, list[VolumeRecord]]:
             root,
             f"has {len(folders)} site sub-folders ({names or 'none'}) but sites = {cfg.sites}; "
             f"set sites={len(folders)} or point data.root at one dataset folder to split it"
-            if folders else f"contains neither {fmt} data nor site sub-folders",
+            if folders else f"contains neither {cfg.data.format} data nor site sub-folders",
         )
-    return {p.name: discover_site(p, fmt, use_4d) for p in folders}
+    return folders
 
 
 def site_records_for_partition(cfg, partition_id: int) -> tuple[str, list[VolumeRecord]]:
     """The site (name, records) that simulation partition ``partition_id`` stands for.
 
-    Sites are ordered by name; partition ``i`` is the i-th site.
+    Sites are ordered by name; partition ``i`` is the i-th site. With one folder per site
+    only that site's folder is read (every simulated message resolves its site, so reading
+    all of them made a round's cost grow with the square of the number of sites).
     """
+    root = dataset_root(cfg)
+    if root.is_dir() and not is_single_dataset(root, cfg.data.format):
+        folders = _checked_site_folders(cfg, root)
+        if not 0 <= int(partition_id) < len(folders):
+            raise DataError(root, f"partition-id {partition_id} is out of range 0..{len(folders) - 1}")
+        folder = folders[int(partition_id)]
+        return folder.name, discover_site(folder, cfg.data.format, bool(cfg.data.use_4d_frames))
     sites = discover_sites(cfg)
     names = sorted(sites)
     if not 0 <= int(partition_id) < len(names):
