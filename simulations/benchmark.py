@@ -438,7 +438,7 @@ def _relay_round_bytes(cfg, n_sites: int, bank_rows: Sequence[int] | int, site_n
     params = ndarrays_to_parameters(weights)
     fx = FeatureExchange.from_config(build_strategy(cfg, params, fit_metrics_aggregation_fn=lambda _: {}), cfg)
     manager = SimpleClientManager()
-    proxies = [_stub_proxy_class()(str(1000 + i)) for i in range(n_sites)]
+    proxies = [stub_proxy_class()(str(1000 + i)) for i in range(n_sites)]
     for proxy in proxies:
         manager.register(proxy)
     rng = np.random.default_rng(seed)
@@ -461,7 +461,8 @@ def _relay_round_bytes(cfg, n_sites: int, bank_rows: Sequence[int] | int, site_n
 
 
 @functools.lru_cache(maxsize=1)
-def _stub_proxy_class() -> type:
+def stub_proxy_class() -> type:
+    """A ``ClientProxy`` class addressed by cid only, to drive a strategy in process (flwr imported lazily)."""
     from flwr.server.client_proxy import ClientProxy
 
     class StubProxy(ClientProxy):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,28 +27,17 @@ from fcl_flower.config import load_config
 from strategies.feature_exchange import FeatureExchange
 from strategies.registry import STRATEGIES, build_strategy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "simulations"))
+from benchmark import stub_proxy_class  # noqa: E402
+
 D = 8  # proj_dim
 S = 4  # num_partitions
 WEIGHTS = [np.zeros((3, 2), np.float32), np.zeros(5, np.float32)]
 
 
-class StubProxy(ClientProxy):
-    """A real ClientProxy that is only addressed by cid (the strategy never calls it)."""
-
-    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
+# A real ClientProxy addressed by cid only (the strategy never calls it); the benchmark drives
+# the relay with the same class.
+StubProxy = stub_proxy_class()
 
 
 def manager(cids: list[str]) -> tuple[SimpleClientManager, dict[str, StubProxy]]:
