@@ -9,6 +9,7 @@ target is a ratio of two things measured back to back in the same run.
     fcl-flower bench --quick                # CI size, a few minutes; its numbers mean nothing
     python simulations/benchmark.py --quick --out-dir /tmp/bench --work-dir /tmp/bench-work
     fcl-flower bench --sections bytes,deploy   # some sections only (the others are left out)
+    fcl-flower bench --sections deploy --update   # re-measure one section, keep the others' results
 
 Sections (``--sections``):
 
@@ -638,7 +639,7 @@ import json, sys, time
 t = [time.time()]; c = [time.process_time()]
 def mark():
     t.append(time.time()); c.append(time.process_time())
-import flwr.client; mark()                       # flwr-clientapp imports Flower before the app
+import flwr.supernode.cli.flwr_clientapp; mark() # what the `flwr-clientapp` process imports before the app
 from fcl_flower import client_app; mark()        # the ClientApp module
 import torch; mark()
 import monai.networks.blocks; mark()
@@ -653,7 +654,7 @@ weights = initial_weights(cfg)
 node = {"data-dir": args["data_dir"], "site-name": args["site"], "state-dir": args["state_dir"]}
 c_fit = time.process_time(); t_fit = time.time()
 _, _, m = client_app.StageClient(node, started=started).fit(weights, message)
-names = ["interpreter", "flwr", "app_module", "torch", "monai", "torch_dynamo"]
+names = ["interpreter", "flwr_clientapp", "app_module", "torch", "monai", "torch_dynamo"]
 wall = [t[0] - started] + [b - a for a, b in zip(t, t[1:])]
 cpu = [c[0]] + [b - a for a, b in zip(c, c[1:])]
 before = m["startup_seconds"] - (t_fit - started)  # inside fit: config, site, cached data, model, state
@@ -758,6 +759,20 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         f"| platform | {m['platform']} |",
         "| versions | " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + " |",
         "",
+    ]
+    runs = {(v["command"], v["started"]) for v in doc.get("measured_by", {}).values()}
+    if len(runs) > 1:
+        lines += [
+            "Sections come from more than one run (`--update` re-measured some); each section's ratios are from "
+            "one run:",
+            "",
+            "| section | measured by | started | load average at start |",
+            "|---|---|---|---|",
+            *(f"| {name} | `{v['command']}` | {v['started']} | {', '.join(str(x) for x in v['load_average_start'] or [])} |"
+              for name, v in ((n, doc["measured_by"][n]) for n in SECTIONS if n in doc["measured_by"])),
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "| figure | value | target | |",
@@ -941,10 +956,19 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     echo(f"benchmark ({profile.name}): {machine['cpu']}, {machine['cores']} cores, load {machine['load_average_start']}")
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    # which run measured each section (`--update` keeps the other sections of an earlier run)
+    measured_by: dict[str, dict[str, Any]] = {}
+    if args.update:
+        results, measured_by = previous_sections(out_dir / "benchmarks.json", keep=set(SECTIONS) - set(sections))
+    command = " ".join(["fcl-flower bench", *(["--quick"] if args.quick else []),
+                        *([f"--sections {args.sections}"] if args.sections else []), *(["--update"] if args.update else []),
+                        *map(shlex.quote, args.overrides)])
 
     def section(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         if name not in sections:
             return
+        measured_by[name] = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M %Z"),
+                             "load_average_start": [round(x, 2) for x in os.getloadavg()]}
         try:
             results[name] = fn()
         except Exception:  # one broken section must not lose the others' results
@@ -962,11 +986,10 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     section("scale", lambda: bench_scale_section(profile, work, echo, first_fcl_run()))
     section("deploy", lambda: bench_deploy_section(profile, work, echo))
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    command = " ".join(["fcl-flower bench", *(["--quick"] if args.quick else []),
-                        *([f"--sections {args.sections}"] if args.sections else []), *map(shlex.quote, args.overrides)])
     doc = {
         "profile": profile.name, "command": command, "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
         "seconds": time.perf_counter() - t0, "machine": machine, "summary": summary_keys(results),
+        "measured_by": measured_by,
     }
     # records are large and already on disk under the work folder
     for runs_ in results.get("round", {}).get("runs", {}).values():
@@ -975,7 +998,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     doc["results"] = results
     doc["errors"] = errors
     json_doc = {**doc["summary"], "profile": doc["profile"], "command": command, "finished": doc["finished"],
-                "seconds": doc["seconds"], "machine": machine, "errors": errors, "details": results}
+                "seconds": doc["seconds"], "machine": machine, "measured_by": measured_by, "errors": errors,
+                "details": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmarks.json").write_text(json.dumps(json_doc, indent=2, default=float) + "\n")
     write_markdown(out_dir / "BENCHMARKS.md", doc)
@@ -984,11 +1008,29 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     return json_doc
 
 
+def previous_sections(path: Path, keep: set[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The ``keep`` sections of an earlier ``benchmarks.json`` and the run that measured each."""
+    if not path.is_file():
+        raise SystemExit(f"--update: {path} does not exist; run the whole suite first")
+    try:
+        old = json.loads(path.read_text())
+        details = old["details"]
+    except (ValueError, KeyError) as exc:
+        raise SystemExit(f"--update: {path} is not a benchmarks.json written by this suite ({exc})") from None
+    earlier = {"command": old.get("command"), "started": old.get("finished"),
+               "load_average_start": old.get("machine", {}).get("load_average_start")}
+    by = old.get("measured_by") or {}
+    kept = {name: details[name] for name in SECTIONS if name in keep and name in details}
+    return kept, {name: by.get(name, earlier) for name in kept}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcl-flower bench", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="dotlist overrides applied to every config of the suite")
     parser.add_argument("--quick", action="store_true", help="CI size (a few minutes); the numbers mean nothing")
     parser.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the sections not run now from the existing benchmarks.json (re-measure after a fix)")
     parser.add_argument("--out-dir", default=None, help="where BENCHMARKS.md and benchmarks.json go (default: docs/)")
     parser.add_argument("--work-dir", default=None, help="runs and logs (default: runs/benchmark-<mode>/)")
     return parser

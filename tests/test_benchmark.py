@@ -134,3 +134,19 @@ def test_quick_mode_writes_every_key(tmp_path: Path):
     for heading in ("## Machine", "## Targets", "## 1.", "## 2.", "## 3.", "## 4.", "## 5."):
         assert heading in md, heading
     print(f"quick benchmark: {time.monotonic() - t0:.0f} s")
+
+    # --update re-measures one section and keeps the others, saying which run measured which
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "fcl-flower"), "bench", "--quick", "--sections", "bytes", "--update",
+         "--out-dir", str(out), "--work-dir", str(work), *caches],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    updated = json.loads((out / "benchmarks.json").read_text())
+    for key in bm.REQUIRED_KEYS:
+        assert updated[key] == doc[key], key  # the bytes are deterministic; the kept sections are copied
+    assert updated["details"]["deploy"] == doc["details"]["deploy"]
+    assert "cross_check" not in updated["details"]["bytes"]  # its simulation (section 2) was not re-run
+    assert updated["measured_by"]["bytes"]["command"].endswith("--update")
+    assert updated["measured_by"]["deploy"] == doc["measured_by"]["deploy"]
+    assert "Sections come from more than one run" in (out / "BENCHMARKS.md").read_text()
