@@ -978,6 +978,9 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
             echo(f"section {name} failed:\n{errors[name]}")
 
     def first_fcl_run() -> dict[str, Any] | None:
+        """Section 2's first FCL simulation, if this run measured it (a kept one has no records)."""
+        if "round" not in sections:
+            return None
         return (results.get("round", {}).get("runs", {}).get("fcl") or [None])[0]
 
     section("trainer", lambda: bench_trainer_section(profile, echo))
