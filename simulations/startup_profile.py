@@ -29,6 +29,8 @@ from typing import Sequence
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):\d+\)$")
 PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<cmd>.*)"$')
 APP_IMPORTS = ("torch", "monai", "omegaconf", "numpy")
+# functions of pretrain_round's training loop (the `seconds` metric); the rest of the call is set-up and saving
+TRAINING_LOOP = {"_batch_loss", "backward", "step", "ema_update", "enqueue", "epoch"}
 
 Frames = list[tuple[str, str]]  # (function, file) pairs of one sample, outermost first
 
@@ -55,10 +57,10 @@ def phase_of(frames: Frames) -> str:
         return "Flower: FAB install"
     if any(f in ("pull_task_input", "push_task_output", "push_message") for f in funcs):
         return "Flower: message pull / push"
-    if any("pretrain_round" in f for f in funcs):
-        if any(f in ("load_state", "build_models", "_build") or "load" in f.lower() for f in funcs):
-            return "pretrain_round: set-up (model, state)"
-        return "pretrain_round: training"
+    if "pretrain_round" in funcs:
+        if any(f.rsplit(".", 1)[-1] in TRAINING_LOOP for f in funcs):  # py-spy names methods Class.method
+            return "pretrain_round: training"
+        return "pretrain_round: set-up and state save"
     if any("load_site_volumes" in f or "resolve_site" in f or "_config" in f for f in funcs):
         return "fit before pretrain_round (config, site, cached data)"
     return "other"

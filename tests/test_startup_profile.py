@@ -29,7 +29,9 @@ RAW = "\n".join([
     f"{NODE};{FIT};{APP_FIT};pretrain_round (fcl_flower/pretrain.py:255);_optimizer (fcl_flower/pretrain.py:198)"
     ";<module> (torch/_dynamo/__init__.py:1) 30",
     # training: 20
-    f"{NODE};{FIT};{APP_FIT};pretrain_round (fcl_flower/pretrain.py:270);backward (torch/_tensor.py:600) 20",
+    f"{NODE};{FIT};{APP_FIT};pretrain_round (fcl_flower/pretrain.py:270);Tensor.backward (torch/_tensor.py:600) 20",
+    # saving the state after the loop: 5
+    f"{NODE};{FIT};{APP_FIT};pretrain_round (fcl_flower/pretrain.py:280);atomic_torch_save (fcl_flower/pretrain.py:90) 5",
     # a background thread of the fit process, and the evaluate process: not counted
     f"{NODE};{FIT};_bootstrap (threading.py:1002);HeartbeatSender._run (flwr/common/heartbeat.py:80) 500",
     f"{NODE};{EVALUATE};{RUN};maybe_call_evaluate (flwr/compat/client/client.py:250) 70",
@@ -47,6 +49,7 @@ def test_phases_of_fit_processes(tmp_path: Path):
     assert seconds == {
         "app import: torch": 4.0, "app import: torch._dynamo (by torch.optim)": 3.0,
         "app import: monai": 2.0, "pretrain_round: training": 2.0, "Flower start-up: flwr-clientapp imports": 1.0,
+        "pretrain_round: set-up and state save": 0.5,
     }
     assert sum(result["share"].values()) == pytest.approx(1.0)
 
