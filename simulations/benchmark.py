@@ -146,7 +146,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "ram_gb": round(_mem_total_gb(), 1),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_start": load_average(),
         "platform": platform.platform(),
         "versions": {"python": platform.python_version(),
                      **{name: _version(name) for name in ("torch", "flwr", "monai", "ray", "numpy")}},
@@ -968,7 +968,7 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
         if name not in sections:
             return
         measured_by[name] = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M %Z"),
-                             "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+                             "load_average_start": load_average()}
         try:
             results[name] = fn()
         except Exception:  # one broken section must not lose the others' results
@@ -988,7 +988,7 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     section("bytes", lambda: bench_bytes_section(profile, echo, first_fcl_run()))
     section("scale", lambda: bench_scale_section(profile, work, echo, first_fcl_run()))
     section("deploy", lambda: bench_deploy_section(profile, work, echo))
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_end"] = load_average()
     doc = {
         "profile": profile.name, "command": command, "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
         "seconds": time.perf_counter() - t0, "machine": machine, "summary": summary_keys(results),
@@ -1009,6 +1009,11 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[s
     echo(f"wrote {out_dir / 'BENCHMARKS.md'} and {out_dir / 'benchmarks.json'} in {doc['seconds'] / 60:.1f} min"
          + (f"; sections that failed: {sorted(errors)}" if errors else ""))
     return json_doc
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 min load averages, rounded to 0.01."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def previous_sections(path: Path, keep: set[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

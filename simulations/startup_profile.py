@@ -66,9 +66,9 @@ def phase_of(frames: Frames) -> str:
     return "other"
 
 
-def parse(path: Path) -> dict[str, tuple[str, list[tuple[Frames, int]]]]:
-    """Main-thread samples of every ``flwr-clientapp`` process: pid -> (kind, [(frames, count)])."""
-    procs: dict[str, tuple[str, list[tuple[Frames, int]]]] = {}
+def parse(path: Path) -> dict[str, list[tuple[Frames, int]]]:
+    """Main-thread samples of every ``flwr-clientapp`` process: pid -> [(frames, count)]."""
+    procs: dict[str, list[tuple[Frames, int]]] = {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -78,23 +78,21 @@ def parse(path: Path) -> dict[str, tuple[str, list[tuple[Frames, int]]]]:
         if not heads or not heads[-1] or "flwr-clientapp" not in heads[-1]["cmd"]:
             continue
         frames = [(m["func"], m["file"]) for m in (FRAME.match(p) for p in parts if not p.startswith("process ")) if m]
-        if not frames or frames[0][1] != "flwr-clientapp":  # a background thread
-            continue
-        kind, samples = procs.setdefault(heads[-1]["pid"], ("?", []))
-        funcs = {func for func, _ in frames}
-        if "maybe_call_fit" in funcs:
-            kind = "fit"
-        elif "maybe_call_evaluate" in funcs and kind == "?":
-            kind = "evaluate"
-        samples.append((frames, int(count)))
-        procs[heads[-1]["pid"]] = (kind, samples)
+        if frames and frames[0][1] == "flwr-clientapp":  # the main thread, not a background one
+            procs.setdefault(heads[-1]["pid"], []).append((frames, int(count)))
     return procs
+
+
+def kind_of(samples: list[tuple[Frames, int]]) -> str:
+    """``fit``, ``evaluate`` or ``?``: the message a ClientApp process served."""
+    funcs = {func for frames, _ in samples for func, _ in frames}
+    return "fit" if "maybe_call_fit" in funcs else "evaluate" if "maybe_call_evaluate" in funcs else "?"
 
 
 def summarize(path: Path, rate_hz: float) -> dict[str, object]:
     """Seconds per fit process in each phase (samples / rate), and each phase's share."""
-    procs = parse(path)
-    fits = [samples for kind, samples in procs.values() if kind == "fit"]
+    kinds = [(kind_of(samples), samples) for samples in parse(path).values()]
+    fits = [samples for kind, samples in kinds if kind == "fit"]
     if not fits:
         raise SystemExit(f"{path}: no flwr-clientapp process that served a fit message")
     phases: Counter[str] = Counter()
@@ -104,7 +102,7 @@ def summarize(path: Path, rate_hz: float) -> dict[str, object]:
     total = sum(phases.values())
     return {
         "profile": str(path), "fit_processes": len(fits),
-        "other_processes": {kind: sum(1 for k, _ in procs.values() if k == kind) for kind in ("evaluate", "?")},
+        "other_processes": {kind: sum(1 for k, _ in kinds if k == kind) for kind in ("evaluate", "?")},
         "seconds_per_fit_process": {p: n / rate_hz / len(fits) for p, n in phases.most_common()},
         "share": {p: n / total for p, n in phases.most_common()},
     }
