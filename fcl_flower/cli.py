@@ -37,6 +37,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         seed=seed,
         image_size=cfg.synthetic.image_size,
         spacing=cfg.synthetic.spacing,
+        cine=args.cine or bool(cfg.data.use_4d_frames),
     )
     print(f"wrote {sites} sites x {patients} patients to {args.out} in "
           f"{time.perf_counter() - start:.1f} s (manifest: {manifest})")
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=None, help="default: config 'sites'")
     p.add_argument("--patients-per-site", type=int, default=None, help="default: config 'synthetic.patients_per_site'")
     p.add_argument("--seed", type=int, default=None, help="default: config 'seed'")
+    p.add_argument("--cine", action="store_true",
+                   help="also write every patient's whole cardiac cycle as patientNNN_4d.nii.gz "
+                        "(default: config 'data.use_4d_frames')")
     _add_config_args(p)
     p.set_defaults(func=_cmd_make_synthetic)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fcl_flower.data.errors import DataError
-from fcl_flower.data.synthetic import ensure_builtin_dataset, generate_dataset
+from fcl_flower.data.datasets import discover_site
+from fcl_flower.data.synthetic import contraction, ensure_builtin_dataset, generate_dataset
 
 
 def _frames(root, site, patient):
@@ -134,3 +135,49 @@ def test_builtin_dataset_generated_once(tmp_path):
     second = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5)
     assert first == second and (second / "manifest.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folders left
+
+
+def test_contraction_cycle():
+    nb, es = 20, 8
+    phases = [contraction(f, nb, es) for f in range(1, nb + 1)]
+    assert phases[0] == 0.0 and phases[es - 1] == pytest.approx(1.0)
+    assert all(0.0 <= c <= 1.0 for c in phases)
+    assert np.all(np.diff(phases[:es]) > 0) and np.all(np.diff(phases[es - 1:]) < 0)  # systole, then diastole
+    assert phases[-1] < 0.05  # back near ED at the end of the cycle
+
+
+def test_cine_4d_file_holds_the_cycle(tmp_path, tiny_synthetic):
+    root = tmp_path / "cine"
+    generate_dataset(root, sites=1, patients_per_site=2, seed=0, image_size=48, cine=True)
+    for pid in ("patient001", "patient002"):
+        pdir = root / "site_00" / pid
+        info = dict(line.split(": ") for line in (pdir / "Info.cfg").read_text().splitlines())
+        cine = nib.load(pdir / f"{pid}_4d.nii.gz")
+        frames = np.asarray(cine.dataobj)
+        ed_img, es_img = (nib.load(pdir / f"{pid}_frame{int(info[k]):02d}.nii.gz") for k in ("ED", "ES"))
+        assert frames.shape == (*ed_img.shape, int(info["NbFrame"]))
+        assert np.allclose(cine.affine, ed_img.affine)
+        # the ED and ES frames of the cycle are exactly the labeled 3D files
+        assert np.array_equal(frames[..., int(info["ED"]) - 1], np.asarray(ed_img.dataobj))
+        assert np.array_equal(frames[..., int(info["ES"]) - 1], np.asarray(es_img.dataobj))
+        # frames between ED and ES are new images, closer to their neighbours than ED is to ES
+        es = int(info["ES"]) - 1
+        mid = frames[..., es // 2].astype(float)
+        ed, esf = frames[..., 0].astype(float), frames[..., es].astype(float)
+        assert not np.array_equal(mid, ed) and not np.array_equal(mid, esf)
+        assert np.abs(mid - ed).mean() < np.abs(esf - ed).mean()
+    # the labeled files do not depend on whether the cycle is written
+    for pid in ("patient001", "patient002"):
+        for path in (tiny_synthetic / "site_00" / pid).glob("*_frame*.nii.gz"):
+            other = root / "site_00" / pid / path.name
+            assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(other).dataobj))
+
+
+def test_cine_frames_become_unlabeled_records(tmp_path):
+    root = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5, cine=True)
+    plain = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5)
+    assert root != plain and not list(plain.glob("*/*/*_4d.nii.gz"))  # cached apart
+    nb = int(dict(line.split(": ") for line in next(root.glob("*/*/Info.cfg")).read_text().splitlines())["NbFrame"])
+    records = discover_site(root / "site_00", "synthetic", use_4d_frames=True)
+    assert sum(r.label is not None for r in records) == 2
+    assert sum(r.from_4d for r in records) == nb - 2  # ED and ES are not repeated

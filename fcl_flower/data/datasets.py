@@ -294,7 +294,10 @@ def site_name(index: int, sites: int) -> str:
 
 
 def dataset_root(cfg) -> Path:
-    """``cfg.data.root``, or the built-in synthetic dataset (generated once) when it is null."""
+    """``cfg.data.root``, or the built-in synthetic dataset (generated once) when it is null.
+
+    The built-in data has 4D cine files exactly when ``data.use_4d_frames`` asks for them.
+    """
     if cfg.data.root is not None:
         return Path(str(cfg.data.root)).expanduser()
     from fcl_flower.config import ConfigError
@@ -310,6 +313,7 @@ def dataset_root(cfg) -> Path:
         Path(str(cache_root)).expanduser(), sites=cfg.sites,
         patients_per_site=cfg.synthetic.patients_per_site, seed=cfg.seed,
         image_size=cfg.synthetic.image_size, spacing=cfg.synthetic.spacing,
+        cine=bool(cfg.data.use_4d_frames),
     )
 
 

@@ -12,7 +12,9 @@ Real ACDC cannot be shipped, so this generator produces data that behaves like i
   and stomach rising towards the apex, descending aorta and a vertebra.
 * Patients vary by ACDC group (NOR, MINF, DCM, HCM, RV: cavity size, wall thickness,
   ejection fraction, RV size), heart position, in-plane rotation, shape and body size.
-  Each patient has an end-diastolic (ED) and an end-systolic (ES) frame.
+  Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
+  optionally (``cine``), the whole unlabeled cardiac cycle as a 4D file: the heart
+  contracts smoothly from ED to ES and relaxes back.
 * Sites (scanners) vary the tissue-to-intensity mapping (per-tissue gains and a gamma),
   the stored intensity range, noise level and type (Gaussian or Rician), a smooth
   multiplicative bias field, ghosting, in-plane blur, in-plane resolution, slice
@@ -40,7 +42,7 @@ import numpy as np
 
 from fcl_flower.data.errors import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
 REFERENCE_FOV_MM = 160.0  # smaller fields of view scale the anatomy down to fit
@@ -93,7 +95,7 @@ def _site_params(seed: int, index: int, n_sites: int, spacing: float) -> SitePar
     coverage = rng.uniform(72.0, 90.0)
     slice_spacing = float(np.clip(coverage / (slices - 1), 5.0, 10.0))
     # one gain per material (blood is blood wherever it is), a small jitter per tissue
-    material_gain = rng.uniform(0.8, 1.2, size=int(MATERIAL.max()) + 1)
+    material_gain = rng.uniform(0.65, 1.35, size=int(MATERIAL.max()) + 1)
     gains = material_gain[MATERIAL] * rng.uniform(0.96, 1.04, size=len(TISSUES))
     gains[AIR] = 1.0
     return SiteParams(
@@ -103,14 +105,14 @@ def _site_params(seed: int, index: int, n_sites: int, spacing: float) -> SitePar
         slice_spacing=round(slice_spacing, 3),
         slice_thickness=round(float(min(slice_spacing, rng.uniform(5.0, 8.0))), 3),
         intensity_max=round(float(rng.uniform(300.0, 3000.0)), 1),
-        gamma=round(float(rng.uniform(0.75, 1.35)), 4),
+        gamma=round(float(rng.uniform(0.6, 1.6)), 4),
         tissue_gain=tuple(round(float(g), 4) for g in gains),
         noise_type="rician" if index % 2 == 0 else "gaussian",
-        noise_std=round(float(rng.uniform(0.015, 0.055)), 4),
-        bias_coeffs=tuple(round(float(c), 4) for c in rng.normal(0.0, 1.0, 6) * rng.uniform(0.08, 0.3)),
-        psf_sigma_px=round(float(rng.uniform(0.5, 0.95)), 3),
-        ghost_amplitude=round(float(rng.uniform(0.0, 0.05)), 4),
-        texture_amplitude=round(float(rng.uniform(0.04, 0.08)), 4),
+        noise_std=round(float(rng.uniform(0.03, 0.09)), 4),
+        bias_coeffs=tuple(round(float(c), 4) for c in rng.normal(0.0, 1.0, 6) * rng.uniform(0.15, 0.5)),
+        psf_sigma_px=round(float(rng.uniform(0.5, 1.3)), 3),
+        ghost_amplitude=round(float(rng.uniform(0.0, 0.08)), 4),
+        texture_amplitude=round(float(rng.uniform(0.05, 0.12)), 4),
     )
 
 
@@ -266,9 +268,9 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
         nb_frames=nb_frames,
         es_frame=int(np.clip(round(nb_frames * rng.uniform(0.3, 0.45)), 2, nb_frames)),
         slices=slices,
-        heart_x=float(rng.uniform(-12, 12)),
-        heart_y=float(rng.uniform(-10, 10)),
-        rotation=float(rng.uniform(-0.35, 0.35)),
+        heart_x=float(rng.uniform(-22, 22)),
+        heart_y=float(rng.uniform(-18, 18)),
+        rotation=float(rng.uniform(-0.7, 0.7)),
         ellipticity=float(rng.uniform(0.86, 1.0)),
         r_endo=float(r_endo),
         wall=float(wall),
@@ -283,16 +285,19 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
     )
 
 
-def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np.ndarray,
+def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: np.ndarray,
             rng: np.random.Generator, sub: int = 1) -> np.ndarray:
     """Tissue map (layers, n, n) int8 of one frame at the given depths (mm from the base slice).
+
+    ``phase`` is the contraction of the frame: 0 at end-diastole, 1 at end-systole
+    (``contraction``); the heart's radii, wall and base position interpolate between the two.
 
     Each run of ``sub`` consecutive depths is one slice (sub-slices for partial volume):
     the heart is drawn at every depth, the slowly varying surroundings once per slice.
 
-    ``rng`` must be seeded per patient (not per frame) so that ED and ES share the same
+    ``rng`` must be seeded per patient (not per frame) so that all frames share the same
     surroundings; only the heart changes between frames. The random stream is consumed
-    identically for both frames.
+    identically for every phase.
     """
     f32 = np.float32
     scale = min(1.0, n * site.spacing_xy / REFERENCE_FOV_MM)
@@ -373,13 +378,13 @@ def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np
     paint((rst < 1.0) & inner, STOMACH)
 
     # --- heart geometry (scalars and per-layer radii/centres)
-    es = frame == "ES"
+    c = float(phase)
     L_epi = coverage * pat.length_factor
-    base = pat.es_base_descent * L_epi if es else 0.0
-    r_endo0 = pat.r_endo * (pat.es_ratio if es else 1.0)
+    base = c * pat.es_base_descent * L_epi
+    r_endo0 = pat.r_endo * (1.0 + c * (pat.es_ratio - 1.0))
     ring_area = (pat.r_endo + pat.wall) ** 2 - pat.r_endo ** 2
     ring_change = rng.uniform(0.95, 1.05)
-    r_epi0 = math.sqrt(r_endo0 ** 2 + ring_area * (ring_change if es else 1.0))
+    r_epi0 = math.sqrt(r_endo0 ** 2 + ring_area * (1.0 + c * (ring_change - 1.0)))
     wall0 = r_epi0 - r_endo0
     t = (d - base) / (L_epi - base)
     t_endo = (d - base) / max(L_epi - base - 0.8 * wall0, 1.0)
@@ -395,8 +400,8 @@ def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np
     phi_inf = rng.uniform(0, 2 * np.pi)
     rv_prof = _profile(t / pat.rv_end, 2.0)
     rv_es = (rng.uniform(0.62, 0.75), rng.uniform(0.82, 0.92))
-    rv_b = pat.rv_b * rv_prof * (rv_es[0] if es else 1.0)
-    rv_a = pat.rv_a * rv_prof * (rv_es[1] if es else 1.0)
+    rv_b = pat.rv_b * rv_prof * (1.0 + c * (rv_es[0] - 1.0))
+    rv_a = pat.rv_a * rv_prof * (1.0 + c * (rv_es[1] - 1.0))
     ang = pat.rv_angle + th
     dist = 0.6 * r_epi + 0.45 * rv_b
     rvx, rvy = cx + dist * np.cos(ang), cy + dist * np.sin(ang)
@@ -409,7 +414,7 @@ def _render(pat: PatientParams, site: SiteParams, frame: str, n: int, depths: np
     phi_gap = pat.rv_angle - np.pi + rng.uniform(-0.6, -0.2)  # in the LV frame
     t_gap = rng.uniform(0.04, 0.1)
     papillary = [(th + pat.rv_angle + np.pi + (-1) ** k * rng.uniform(0.6, 1.0),
-                  rng.uniform(2.5, 4.0) * (1.3 if es else 1.0)) for k in range(2)]
+                  rng.uniform(2.5, 4.0) * (1.0 + 0.3 * c)) for k in range(2)]
 
     # the heart is drawn inside its bounding box only (radii padded for the wobbles)
     r_lv = (r_epi0 + max(4.0, fat_w)) * 1.15 + 2.0
@@ -481,20 +486,36 @@ def _labels_from_tissue(tissue: np.ndarray) -> np.ndarray:
     return seg
 
 
-def _make_frame(pat: PatientParams, site: SiteParams, frame: str, n: int, anatomy_seed: list[int],
-                noise_rng: np.random.Generator, patient_gain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One frame: stored image (Z, n, n) int16 and labels (Z, n, n) uint8."""
+def contraction(frame: int, nb_frames: int, es_frame: int) -> float:
+    """Contraction phase of 1-based cine ``frame``: 0 at ED (frame 1), 1 at ES (``es_frame``).
+
+    Systole is a smooth sin^2 rise over frames 1..ES; diastole relaxes with a cos^2 fall
+    over the remaining frames, reaching ED again one frame after the last.
+    """
+    if frame <= es_frame:
+        return math.sin(0.5 * math.pi * (frame - 1) / max(es_frame - 1, 1)) ** 2
+    return math.cos(0.5 * math.pi * (frame - es_frame) / (nb_frames - es_frame + 1)) ** 2
+
+
+def _make_frame(pat: PatientParams, site: SiteParams, phase: float, n: int, anatomy_seed: list[int],
+                noise_rng: np.random.Generator, patient_gain: np.ndarray,
+                bias_jitter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One frame at contraction ``phase``: stored image (Z, n, n) int16 and labels (Z, n, n) uint8.
+
+    ``patient_gain`` (per tissue) and ``bias_jitter`` (per bias coefficient) are the
+    patient's own contrast and coil shading, the same in every frame of the patient.
+    """
     z = pat.slices
     centres = np.arange(z) * site.slice_spacing
     offsets = np.array([-1.0, 0.0, 1.0]) * site.slice_thickness / 3.0
     depths = (centres[:, None] + offsets[None, :]).reshape(-1)
-    tissue = _render(pat, site, frame, n, depths, np.random.default_rng(anatomy_seed), sub=3)
+    tissue = _render(pat, site, phase, n, depths, np.random.default_rng(anatomy_seed), sub=3)
     tissue = tissue.reshape(z, 3, n, n)
     labels = _labels_from_tissue(tissue[:, 1])
 
     f32 = np.float32
     lut = (np.clip(BASE_INTENSITY * np.asarray(site.tissue_gain) * patient_gain, 0.0, 1.0) ** site.gamma).astype(f32)
-    tex_rng = np.random.default_rng(anatomy_seed + [7])  # texture is anatomy: same in ED and ES
+    tex_rng = np.random.default_rng(anatomy_seed + [7])  # texture is anatomy: same in every frame
     texture = _smooth_noise(tex_rng, (z, n, n), 2.0)
     texture *= f32(site.texture_amplitude)
     texture += f32(1.0)
@@ -511,7 +532,7 @@ def _make_frame(pat: PatientParams, site: SiteParams, frame: str, n: int, anatom
     g = np.linspace(-1.0, 1.0, n)
     gy, gx = g[None, :, None], g[None, None, :]
     gz = np.linspace(-1.0, 1.0, z)[:, None, None] if z > 1 else np.zeros((1, 1, 1))
-    c = np.asarray(site.bias_coeffs) * noise_rng.uniform(0.7, 1.3, 6)
+    c = np.asarray(site.bias_coeffs) * bias_jitter
     bias = np.exp(c[0] * gx + c[1] * gy + c[2] * gx * gy + c[3] * gx ** 2 + c[4] * gy ** 2 + c[5] * gz)
     img *= (bias / bias.mean()).astype(f32)
     sigma = f32(site.noise_std)
@@ -537,9 +558,11 @@ def _affine(site: SiteParams, n: int, z: int) -> np.ndarray:
 
 
 def _save_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray) -> None:
+    """Write a (Z, Y, X) stack, or a (T, Z, Y, X) cine sequence, as NIfTI (x, y, z[, t])."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.ascontiguousarray(zyx.transpose(2, 1, 0)), affine)
+    axes = (2, 1, 0) if zyx.ndim == 3 else (3, 2, 1, 0)
+    img = nib.Nifti1Image(np.ascontiguousarray(zyx.transpose(axes)), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -572,12 +595,15 @@ def _tune_allocator() -> None:
 
 
 def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
-                     image_size: int = 128, spacing: float = 1.5) -> Path:
+                     image_size: int = 128, spacing: float = 1.5, cine: bool = False) -> Path:
     """Write the multi-site synthetic dataset in ACDC layout and return the manifest path.
 
     Layout: ``<out>/site_XX/patientNNN/patientNNN_frameFF.nii.gz`` (+ ``_gt``) for the
-    ED and ES frames, ``Info.cfg`` per patient, and ``<out>/manifest.json``. Patient
-    numbers are unique across the dataset. Arrays are identical for the same arguments.
+    ED and ES frames, ``Info.cfg`` per patient, and ``<out>/manifest.json``. With
+    ``cine`` every patient also gets ``patientNNN_4d.nii.gz``: all ``NbFrame`` frames of
+    the cardiac cycle, unlabeled, whose ED and ES frames equal the 3D files. Patient
+    numbers are unique across the dataset. Arrays are identical for the same arguments
+    (the ED and ES files do not depend on ``cine``).
 
     Raises:
         DataError: ``out`` exists and is not empty, or an argument is out of range.
@@ -599,7 +625,7 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
         "format": "acdc",
         "seed": seed,
         "params": {"sites": sites, "patients_per_site": patients_per_site,
-                   "image_size": image_size, "spacing": spacing},
+                   "image_size": image_size, "spacing": spacing, "cine": cine},
         "labels": LABELS,
         "tissues": list(TISSUES),
         "sites": [],
@@ -618,16 +644,27 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
             pid = f"patient{number:0{width}d}"
             pat_seed = [seed, 0xCA4D, s, p]
             pat = _patient_params(np.random.default_rng(pat_seed + [0]), site)
-            noise_rng = np.random.default_rng(pat_seed + [1])
-            patient_gain = noise_rng.uniform(0.95, 1.05, len(TISSUES))
+            look_rng = np.random.default_rng(pat_seed + [3])  # the patient's contrast and coil shading
+            patient_gain = look_rng.uniform(0.85, 1.15, int(MATERIAL.max()) + 1)[MATERIAL]
+            patient_gain *= look_rng.uniform(0.97, 1.03, len(TISSUES))
+            bias_jitter = look_rng.uniform(0.4, 1.6, 6)
             pdir = site_dir / pid
             pdir.mkdir()
             affine = _affine(site, image_size, pat.slices)
-            for frame, number_f in (("ED", 1), ("ES", pat.es_frame)):
-                img, lab = _make_frame(pat, site, frame, image_size, pat_seed + [2], noise_rng, patient_gain)
-                stem = f"{pid}_frame{number_f:02d}"
-                _save_nifti(pdir / f"{stem}.nii.gz", img, affine)
-                _save_nifti(pdir / f"{stem}_gt.nii.gz", lab, affine)
+            labeled = {1: "ED", pat.es_frame: "ES"}
+            cycle = []
+            for number_f in range(1, pat.nb_frames + 1) if cine else sorted(labeled):
+                img, lab = _make_frame(
+                    pat, site, contraction(number_f, pat.nb_frames, pat.es_frame), image_size, pat_seed + [2],
+                    np.random.default_rng(pat_seed + [1, number_f]), patient_gain, bias_jitter,
+                )
+                cycle.append(img)
+                if number_f in labeled:
+                    stem = f"{pid}_frame{number_f:02d}"
+                    _save_nifti(pdir / f"{stem}.nii.gz", img, affine)
+                    _save_nifti(pdir / f"{stem}_gt.nii.gz", lab, affine)
+            if cine:
+                _save_nifti(pdir / f"{pid}_4d.nii.gz", np.stack(cycle), affine)
             (pdir / "Info.cfg").write_text(
                 f"ED: 1\nES: {pat.es_frame}\nGroup: {pat.group}\nHeight: {pat.height_cm}\n"
                 f"NbFrame: {pat.nb_frames}\nWeight: {pat.weight_kg}\n"
@@ -639,7 +676,7 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
 
 
 def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int, seed: int,
-                           image_size: int, spacing: float) -> Path:
+                           image_size: int, spacing: float, cine: bool = False) -> Path:
     """The built-in synthetic dataset for these settings, generated once under ``cache_root``.
 
     Safe when several processes ask at once: each generates into a private temporary
@@ -647,14 +684,15 @@ def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int,
     Returns the dataset folder (one sub-folder per site).
     """
     cache_root = Path(cache_root).expanduser()
-    key = f"v{GENERATOR_VERSION}_sites{sites}_p{patients_per_site}_seed{seed}_n{image_size}_sp{spacing:g}"
+    key = (f"v{GENERATOR_VERSION}_sites{sites}_p{patients_per_site}_seed{seed}_n{image_size}_sp{spacing:g}"
+           + ("_cine" if cine else ""))
     final = cache_root / key
     if (final / "manifest.json").is_file():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing)
+        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing, cine)
         try:
             os.rename(tmp, final)
         except OSError:
