@@ -62,13 +62,31 @@ def test_nifti_affine_dtypes_labels(tiny_synthetic):
 def test_base_to_apex_anatomy(tiny_synthetic):
     for site, pid in (("site_00", "patient001"), ("site_01", "patient003")):
         image, label, _, _ = _frames(tiny_synthetic, site, pid)[0]  # ED
-        lv = (label == 3).sum(axis=(1, 2))
-        rv = (label == 1).sum(axis=(1, 2))
+        base = int(np.flatnonzero(label.any(axis=(1, 2)))[0])  # stacks may start above the base
+        assert base <= 2 and not label[:base].any()
+        lv = (label[base:] == 3).sum(axis=(1, 2))
+        rv = (label[base:] == 1).sum(axis=(1, 2))
         z = len(lv)
         assert lv[0] > lv[z // 2] > lv[-1]  # LV cavity shrinks towards the apex
         assert np.all(np.diff(lv[1:]) <= 0)
         assert rv[0] > 0 and rv[-1] == 0  # RV gone at the apex slice
         assert (label[-1] == 2).sum() > 0 or (label[-2] == 2).sum() > 0  # apical myocardium cap
+
+
+def test_slices_above_the_base_show_unlabeled_atria(tmp_path):
+    root = tmp_path / "d"
+    generate_dataset(root, sites=1, patients_per_site=6, seed=0, image_size=48)
+    above = 0
+    for pid in json.loads((root / "manifest.json").read_text())["patients"]["site_00"]:
+        image, label, _, _ = _frames(root, "site_00", pid)[0]  # ED
+        base = int(np.flatnonzero(label.any(axis=(1, 2)))[0])
+        if base == 0:
+            continue
+        above += 1
+        lv_blood = np.median(image[base][label[base] == 3])
+        # blood-bright chambers (atria, aortic root) in the unlabeled slice above the base
+        assert (image[base - 1] > 0.8 * lv_blood).sum() > 0.5 * (label[base] == 3).sum()
+    assert above > 0
 
 
 def test_es_smaller_cavity_thicker_wall(tiny_synthetic):

@@ -42,7 +42,7 @@ import numpy as np
 
 from fcl_flower.data.errors import DataError
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
 REFERENCE_FOV_MM = 160.0  # smaller fields of view scale the anatomy down to fit
@@ -232,6 +232,7 @@ class PatientParams:
     nb_frames: int
     es_frame: int
     slices: int
+    above_base: int            # slices above the ventricular base (atria and great vessels, no labels)
     heart_x: float
     heart_y: float
     rotation: float
@@ -257,10 +258,14 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
         "HCM": (rng.uniform(17, 22), rng.uniform(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
         "RV": (rng.uniform(20, 25), rng.uniform(7.0, 9.0), rng.uniform(0.62, 0.72), rng.uniform(1.3, 1.5)),
     }[group]
+    heart_scale = rng.uniform(0.85, 1.18)  # body size: the whole heart scales
+    r_endo, wall = r_endo * heart_scale, wall * heart_scale
+    rv_scale *= heart_scale
     height = rng.uniform(150, 195)
     bmi = rng.uniform(19, 33)
     nb_frames = int(rng.integers(12, 36))
     slices = int(np.clip(site.slices + rng.choice([-1, 0, 0, 1]), 6, 14))
+    above_base = int(min(rng.choice([0, 0, 1, 1, 2]), slices - 6))
     return PatientParams(
         group=group,
         height_cm=round(float(height), 1),
@@ -268,6 +273,7 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
         nb_frames=nb_frames,
         es_frame=int(np.clip(round(nb_frames * rng.uniform(0.3, 0.45)), 2, nb_frames)),
         slices=slices,
+        above_base=above_base,
         heart_x=float(rng.uniform(-22, 22)),
         heart_y=float(rng.uniform(-18, 18)),
         rotation=float(rng.uniform(-0.7, 0.7)),
@@ -306,9 +312,9 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     Y = coords[None, :, None]
     X = coords[None, None, :]
     d = depths[:, None, None].astype(np.float64)
-    coverage = (pat.slices - 1) * site.slice_spacing
+    coverage = (pat.slices - 1 - pat.above_base) * site.slice_spacing  # base to apex slice
     d_slice = depths.reshape(-1, sub).mean(axis=1)[:, None, None]
-    frac = np.clip(d_slice / max(coverage, 1e-6), 0.0, 1.1)  # 0 base .. 1 apex slice
+    frac = np.clip(d_slice / max(coverage, 1e-6), 0.0, 1.1)  # 0 base (and above) .. 1 apex slice
     tissue = np.zeros((L, n, n), dtype=np.int8)
 
     def paint(mask, value):
@@ -415,9 +421,23 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     t_gap = rng.uniform(0.04, 0.1)
     papillary = [(th + pat.rv_angle + np.pi + (-1) ** k * rng.uniform(0.6, 1.0),
                   rng.uniform(2.5, 4.0) * (1.0 + 0.3 * c)) for k in range(2)]
+    # above the base: left atrium opposite the RV, aortic root towards it, right atrium /
+    # RV outflow where the RV was; blood-bright, thin-walled, labelled background (as in ACDC).
+    # The atria fill while the ventricles contract.
+    below = t >= 0.0
+    atrial_wall = rng.uniform(1.5, 2.5)
+    la_ang = ang + np.pi + rng.uniform(-0.5, 0.5)
+    la_r = pat.r_endo * rng.uniform(0.8, 1.05) * (1.0 + 0.15 * c)
+    la_e = rng.uniform(0.7, 0.9)
+    ao_ang = ang - rng.uniform(0.4, 0.9)
+    ao_r = 0.5 * pat.r_endo * rng.uniform(0.9, 1.2)
+    lax, lay = cx + 0.55 * r_epi0 * np.cos(la_ang), cy + 0.55 * r_epi0 * np.sin(la_ang)
+    aox, aoy = cx + 0.45 * r_epi0 * np.cos(ao_ang), cy + 0.45 * r_epi0 * np.sin(ao_ang)
 
     # the heart is drawn inside its bounding box only (radii padded for the wobbles)
     r_lv = (r_epi0 + max(4.0, fat_w)) * 1.15 + 2.0
+    if not np.all(below):
+        r_lv = max(r_lv, 0.55 * r_epi0 + la_r + atrial_wall + 6.0, 0.45 * r_epi0 + ao_r + atrial_wall + 6.0)
     r_rv = (max(float(np.max(rv_a)), float(np.max(rv_b))) + rv_wall_t + max(3.0, fat_w)) * 1.2 + 2.0
     lo_x = min(float(np.min(cx)) - r_lv, float(np.min(rvx)) - r_rv)
     hi_x = max(float(np.max(cx)) + r_lv, float(np.max(rvx)) + r_rv)
@@ -442,14 +462,14 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     rho_endo -= z.wobble(endo_h) * np.clip(t, 0.2, 1.0).astype(f32)
     if pat.group == "MINF":  # thinned infarct sector
         rho_epi += np.float32(0.55 * wall0 / max(r_epi0, 1.0)) * np.clip(z.cos_to(phi_inf), 0, 1) ** 3
-    epi = rho_epi < 1.0
+    epi = (rho_epi < 1.0) & below
     cav = (rho_endo < 1.0) & epi
 
     # --- right ventricle: an ellipse beside the LV minus the LV: a crescent on the septum
     rho_rv, zr = _rho(X, Y, rvx, rvy, rv_b, rv_a, ang, angle=True)
     rv_w = zr.wobble(rv_h)
     rho_rvo = _rho(X, Y, rvx, rvy, rv_b + rv_wall_t, rv_a + rv_wall_t, ang) - rv_w
-    has_rv = rv_b > 1.5
+    has_rv = (rv_b > 1.5) & below
     rv_cav = (rho_rv - rv_w < 1.0) & ~epi & has_rv
     rv_out = (rho_rvo < 1.0) & has_rv
     heart = epi | rv_out
@@ -466,6 +486,19 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     paint(fat_ring & inner, PERI_FAT)
     paint(rv_out & ~epi, RV_WALL)
     paint(rv_cav, RV_BLOOD)
+    if not np.all(below):
+        above = ~below & inner
+        chambers = (
+            (_rho(X, Y, lax, lay, la_r, la_r * la_e, la_ang), la_r, OUTFLOW),
+            (_rho(X, Y, rvx, rvy, 0.9 * rv_b, 0.8 * rv_a, ang) - rv_w, 0.8 * pat.rv_b, OUTFLOW),
+            (_rho(X, Y, aox, aoy, ao_r, ao_r, 0.0), ao_r, AORTA),
+        )
+        for rho, radius, _ in chambers:  # mediastinum, then walls, then blood
+            paint((rho < 1.0 + (atrial_wall + 3.0) / radius) & above, SOFT)
+        for rho, radius, _ in chambers:
+            paint((rho < 1.0 + atrial_wall / radius) & above, RV_WALL)
+        for rho, _, blood in chambers:
+            paint((rho < 1.0) & above, blood)
     paint(epi, MYO)
     paint(cav, LV_BLOOD)
     # open ring at the base: left-ventricular outflow tract on the RV side (label 0)
@@ -506,7 +539,7 @@ def _make_frame(pat: PatientParams, site: SiteParams, phase: float, n: int, anat
     patient's own contrast and coil shading, the same in every frame of the patient.
     """
     z = pat.slices
-    centres = np.arange(z) * site.slice_spacing
+    centres = (np.arange(z) - pat.above_base) * site.slice_spacing  # mm below the ventricular base
     offsets = np.array([-1.0, 0.0, 1.0]) * site.slice_thickness / 3.0
     depths = (centres[:, None] + offsets[None, :]).reshape(-1)
     tissue = _render(pat, site, phase, n, depths, np.random.default_rng(anatomy_seed), sub=3)
