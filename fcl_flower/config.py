@@ -144,6 +144,7 @@ class FinetuneSchema:
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
+    freeze_encoder: bool = MISSING
     augment: FinetuneAugmentSchema = field(default_factory=FinetuneAugmentSchema)
     overlay_slices: int = MISSING
     local_timeout: Optional[float] = MISSING

@@ -234,7 +234,8 @@ def train_segmentation(
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` Adam steps on the volumes' slices (or slabs).
 
-    Each epoch visits the samples in a fresh seeded order, ``finetune.batch_size`` at a
+    With ``finetune.freeze_encoder`` only the decoder is optimised and the encoder (with
+    its normalisation statistics) keeps its initial weights. Each epoch visits the samples in a fresh seeded order, ``finetune.batch_size`` at a
     time (the last batch of an epoch may be smaller); every batch is augmented with
     ``finetune.augment``. A fresh optimiser is created per call (federated rounds too).
     Deterministic for (weights, volumes, cfg, steps, seed) on CPU.
@@ -245,8 +246,12 @@ def train_segmentation(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = segmentation_loss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+    trained = model.decoder if ft.freeze_encoder else model
+    optimizer = torch.optim.Adam(trained.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     model.train()
+    if ft.freeze_encoder:
+        model.encoder.requires_grad_(False)
+        model.encoder.eval()
     losses: list[float] = []
     order: list[int] = []
     for _ in range(steps):

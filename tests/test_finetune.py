@@ -215,6 +215,22 @@ def test_finetuning_loss_decreases_and_is_deterministic() -> None:
     assert scores.mean["dice"] > 0.3 and len(scores.volumes) == 2
 
 
+def test_freeze_encoder_trains_the_decoder_only() -> None:
+    cfg = _cfg("finetune.freeze_encoder=true")
+    vols = toy_site(2)
+    model = build_finetune_unet(cfg, None, 0)
+    encoder_before = [p.detach().clone() for p in model.encoder.parameters()]
+    decoder_before = [p.detach().clone() for p in model.decoder.parameters()]
+    result = train_segmentation(model, vols, cfg, steps=5, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_before, model.decoder.parameters()))
+    assert np.isfinite(result.losses).all()
+    # without the flag the same call moves the encoder too
+    model = build_finetune_unet(_cfg(), None, 0)
+    train_segmentation(model, vols, _cfg(), steps=5, seed=1)
+    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
+
+
 def test_local_finetune_kfold_cells_are_finite_and_reproducible() -> None:
     cfg = _cfg("finetune.local_steps=3")
     vols = toy_site(4)
