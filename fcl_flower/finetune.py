@@ -235,8 +235,9 @@ def train_segmentation(
     """Train ``model`` in place for ``steps`` Adam steps on the volumes' slices (or slabs).
 
     With ``finetune.freeze_encoder`` only the decoder is optimised and the encoder (with
-    its normalisation statistics) keeps its initial weights. Each epoch visits the samples in a fresh seeded order, ``finetune.batch_size`` at a
-    time (the last batch of an epoch may be smaller); every batch is augmented with
+    its normalisation statistics) keeps its initial weights. Each epoch visits the
+    samples in a fresh seeded order, ``finetune.batch_size`` at a time (the last batch of
+    an epoch may be smaller); every batch is augmented with
     ``finetune.augment``. A fresh optimiser is created per call (federated rounds too).
     Deterministic for (weights, volumes, cfg, steps, seed) on CPU.
     """

@@ -291,6 +291,11 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
     )
 
 
+def _towards(es_factor: float, phase: float) -> float:
+    """Multiplier of an ED quantity at contraction ``phase``: 1 at ED, ``es_factor`` at ES."""
+    return 1.0 + phase * (es_factor - 1.0)
+
+
 def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: np.ndarray,
             rng: np.random.Generator, sub: int = 1) -> np.ndarray:
     """Tissue map (layers, n, n) int8 of one frame at the given depths (mm from the base slice).
@@ -387,10 +392,10 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     c = float(phase)
     L_epi = coverage * pat.length_factor
     base = c * pat.es_base_descent * L_epi
-    r_endo0 = pat.r_endo * (1.0 + c * (pat.es_ratio - 1.0))
+    r_endo0 = pat.r_endo * _towards(pat.es_ratio, c)
     ring_area = (pat.r_endo + pat.wall) ** 2 - pat.r_endo ** 2
     ring_change = rng.uniform(0.95, 1.05)
-    r_epi0 = math.sqrt(r_endo0 ** 2 + ring_area * (1.0 + c * (ring_change - 1.0)))
+    r_epi0 = math.sqrt(r_endo0 ** 2 + ring_area * _towards(ring_change, c))
     wall0 = r_epi0 - r_endo0
     t = (d - base) / (L_epi - base)
     t_endo = (d - base) / max(L_epi - base - 0.8 * wall0, 1.0)
@@ -406,8 +411,8 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     phi_inf = rng.uniform(0, 2 * np.pi)
     rv_prof = _profile(t / pat.rv_end, 2.0)
     rv_es = (rng.uniform(0.62, 0.75), rng.uniform(0.82, 0.92))
-    rv_b = pat.rv_b * rv_prof * (1.0 + c * (rv_es[0] - 1.0))
-    rv_a = pat.rv_a * rv_prof * (1.0 + c * (rv_es[1] - 1.0))
+    rv_b = pat.rv_b * rv_prof * _towards(rv_es[0], c)
+    rv_a = pat.rv_a * rv_prof * _towards(rv_es[1], c)
     ang = pat.rv_angle + th
     dist = 0.6 * r_epi + 0.45 * rv_b
     rvx, rvy = cx + dist * np.cos(ang), cy + dist * np.sin(ang)
@@ -594,8 +599,7 @@ def _save_nifti(path: Path, zyx: np.ndarray, affine: np.ndarray) -> None:
     """Write a (Z, Y, X) stack, or a (T, Z, Y, X) cine sequence, as NIfTI (x, y, z[, t])."""
     import nibabel as nib
 
-    axes = (2, 1, 0) if zyx.ndim == 3 else (3, 2, 1, 0)
-    img = nib.Nifti1Image(np.ascontiguousarray(zyx.transpose(axes)), affine)
+    img = nib.Nifti1Image(np.ascontiguousarray(zyx.T), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -691,7 +695,8 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
                     pat, site, contraction(number_f, pat.nb_frames, pat.es_frame), image_size, pat_seed + [2],
                     np.random.default_rng(pat_seed + [1, number_f]), patient_gain, bias_jitter,
                 )
-                cycle.append(img)
+                if cine:
+                    cycle.append(img)
                 if number_f in labeled:
                     stem = f"{pid}_frame{number_f:02d}"
                     _save_nifti(pdir / f"{stem}.nii.gz", img, affine)
