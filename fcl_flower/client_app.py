@@ -233,6 +233,7 @@ class FinetuneClient(_SiteClient):
                 train = ft.train_segmentation(
                     model, self._labeled(cfg, site, split.labeled), cfg, cfg.finetune.fed_local_steps,
                     ft.stable_seed(cfg.seed, site.name, "federated", n, fold, server_round),
+                    first_step=(server_round - 1) * cfg.finetune.fed_local_steps,
                 )
                 return ft.unet_weights(model), train.samples, {
                     "site": site.name, "loss": train.loss, "samples": train.samples, "seconds": train.seconds,

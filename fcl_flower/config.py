@@ -145,6 +145,7 @@ class FinetuneSchema:
     lr: float = MISSING
     weight_decay: float = MISSING
     freeze_encoder: bool = MISSING
+    frozen_encoder_steps: int = MISSING
     augment: FinetuneAugmentSchema = field(default_factory=FinetuneAugmentSchema)
     overlay_slices: int = MISSING
     local_timeout: Optional[float] = MISSING

@@ -231,15 +231,19 @@ def train_segmentation(
     cfg: DictConfig,
     steps: int,
     seed: int,
+    first_step: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` Adam steps on the volumes' slices (or slabs).
 
-    With ``finetune.freeze_encoder`` only the decoder is optimised and the encoder (with
-    its normalisation statistics) keeps its initial weights. Each epoch visits the
+    The encoder is frozen (weights and normalisation statistics kept, only the decoder
+    optimised) in every step with ``finetune.freeze_encoder``, and otherwise in the
+    steps numbered below ``finetune.frozen_encoder_steps`` (decoder warm-up, then the
+    whole U-Net: LP-FT). Steps are numbered from ``first_step``, so a federated round
+    continues the count of the rounds before it. Each epoch visits the
     samples in a fresh seeded order, ``finetune.batch_size`` at a time (the last batch of
     an epoch may be smaller); every batch is augmented with
     ``finetune.augment``. A fresh optimiser is created per call (federated rounds too).
-    Deterministic for (weights, volumes, cfg, steps, seed) on CPU.
+    Deterministic for (weights, volumes, cfg, steps, seed, first_step) on CPU.
     """
     ft = cfg.finetune
     t0 = time.perf_counter()
@@ -247,15 +251,16 @@ def train_segmentation(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = segmentation_loss()
-    trained = model.decoder if ft.freeze_encoder else model
-    optimizer = torch.optim.Adam(trained.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-    model.train()
-    if ft.freeze_encoder:
-        model.encoder.requires_grad_(False)
-        model.encoder.eval()
+    # one optimiser over everything: Adam skips parameters without a gradient (the frozen encoder)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
     losses: list[float] = []
     order: list[int] = []
-    for _ in range(steps):
+    for step in range(first_step, first_step + steps):
+        frozen = ft.freeze_encoder or step < ft.frozen_encoder_steps
+        model.train()
+        model.encoder.requires_grad_(not frozen)
+        if frozen:
+            model.encoder.eval()
         if not order:
             order = rng.permutation(len(images)).tolist()
         idx, order = order[: ft.batch_size], order[ft.batch_size:]
@@ -265,6 +270,7 @@ def train_segmentation(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+    model.encoder.requires_grad_(True)
     return TrainResult(losses, steps, len(images), time.perf_counter() - t0)
 
 

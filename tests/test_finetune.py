@@ -231,6 +231,31 @@ def test_freeze_encoder_trains_the_decoder_only() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
 
 
+def test_frozen_encoder_steps_warm_up_the_decoder_then_train_everything() -> None:
+    """LP-FT: the encoder (and its BatchNorm statistics) is untouched for the first K steps, counted
+    from ``first_step`` so that a federated round continues the count; afterwards it trains."""
+    cfg = _cfg("finetune.frozen_encoder_steps=4", "model.norm=batch")
+    vols = toy_site(2)
+
+    def encoder_state(model) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in model.encoder.state_dict().values()]
+
+    model = build_finetune_unet(cfg, None, 0)
+    start, decoder_start = encoder_state(model), [p.detach().clone() for p in model.decoder.parameters()]
+    train_segmentation(model, vols, cfg, steps=4, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(start, encoder_state(model)))
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_start, model.decoder.parameters()))
+    assert all(p.requires_grad for p in model.encoder.parameters())  # left trainable for whoever comes next
+    # steps 2..5: two frozen, then two that move the encoder
+    model = build_finetune_unet(cfg, None, 0)
+    train_segmentation(model, vols, cfg, steps=4, seed=1, first_step=2)
+    assert any(not torch.equal(a, b) for a, b in zip(start, encoder_state(model)))
+    # a federated round past the warm-up trains the encoder from its first step
+    model = build_finetune_unet(cfg, None, 0)
+    train_segmentation(model, vols, cfg, steps=1, seed=1, first_step=4)
+    assert any(not torch.equal(a, b) for a, b in zip(start, encoder_state(model)))
+
+
 def test_local_finetune_kfold_cells_are_finite_and_reproducible() -> None:
     cfg = _cfg("finetune.local_steps=3")
     vols = toy_site(4)
