@@ -72,6 +72,21 @@ def test_finetune_client_fit_and_evaluate(cfg_factory, tmp_path: Path) -> None:
     assert (overlays / "local_n1.png").is_file()
 
 
+def test_federated_rounds_count_the_decoder_warm_up_across_rounds(cfg_factory) -> None:
+    """frozen_encoder_steps = 2 with 2 local steps per round: round 1 keeps the encoder, round 2 trains it."""
+    cfg = cfg_factory("finetune.frozen_encoder_steps=2", "finetune.fed_local_steps=2")
+    client = StageClient({"partition-id": 0})
+    init = initial_unet_weights(cfg, None)
+    encoder_arrays = len(build_encoder(cfg).state_dict())  # the U-Net's state_dict starts with the encoder
+
+    def encoder_moved(round_: int) -> bool:
+        weights, _, _ = client.fit(init, _message(cfg, task="federated", n_labeled=1, fold=0, round=round_))
+        return any(not np.array_equal(a, b) for a, b in zip(weights[:encoder_arrays], init[:encoder_arrays]))
+
+    assert not encoder_moved(1)
+    assert encoder_moved(2)
+
+
 def test_finetune_client_failure_names_the_site(cfg_factory) -> None:
     cfg = cfg_factory()
     client = StageClient({"partition-id": 1})
