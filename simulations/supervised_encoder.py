@@ -51,14 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="encoder file to write (models.save_encoder)")
     parser.add_argument("--config", default=None, help="a YAML layer over conf/default.yaml, e.g. conf/profile/full.yaml")
     parser.add_argument("--steps", type=int, default=3000, help="supervised optimiser steps")
+    parser.add_argument("--draw", type=int, default=0,
+                        help="which draw of the initialisation and batch order (the ceiling varies between draws)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. seed=1")
     args = parser.parse_args(argv)
 
     cfg = resolve_data_root(load_config(args.overrides, args.config))
     torch.set_num_threads(cfg.finetune.threads)
     volumes = federation_labeled_volumes(cfg)
-    model = build_finetune_unet(cfg, None, stable_seed(cfg.seed, "supervised-encoder"))
-    result = train_segmentation(model, volumes, cfg, args.steps, stable_seed(cfg.seed, "supervised-encoder", "train"))
+    model = build_finetune_unet(cfg, None, stable_seed(cfg.seed, "supervised-encoder", args.draw))
+    result = train_segmentation(model, volumes, cfg, args.steps, stable_seed(cfg.seed, "supervised-encoder", args.draw, "train"))
     save_encoder(model.encoder, args.out)
     print(f"[supervised-encoder] {len(volumes)} labeled volumes of {cfg.sites} sites, {args.steps} steps, "
           f"final DiceCE {result.loss:.4f}, {result.seconds:.0f} s -> {args.out}", flush=True)
