@@ -32,7 +32,7 @@ def test_supervised_encoder_uses_every_site_and_writes_a_trained_encoder(tiny_sy
     untrained = build_finetune_unet(cfg, None, stable_seed(cfg.seed, "supervised-encoder", 0)).encoder.state_dict()
     assert trained.keys() == untrained.keys()
     assert any(not torch.equal(trained[k], untrained[k]) for k in trained)
-    # another draw starts from another initialisation
+    # another draw (initialisation and batch order) gives another encoder
     assert se.main(["--out", str(tmp_path / "draw1.pt"), "--steps", "6", "--draw", "1", *overrides]) == 0
     other = load_encoder(cfg, tmp_path / "draw1.pt").state_dict()
     assert any(not torch.equal(trained[k], other[k]) for k in trained)
