@@ -16,7 +16,8 @@ command again resumes: a method whose fine-tuning cells are all in its
 started run finished pre-training rounds and finished cells are not recomputed.
 
 Outputs (``--docs``, default ``docs/``): ``results.csv`` (``method,finetune,n_labeled,
-dice_mean,dice_std``), ``results_dice_vs_n.png``, ``results_overlays.png``, and the
+dice_mean,dice_std``), ``results_folds.csv`` (the per-site, per-fold Dice and HD95 behind
+each cell), ``results_dice_vs_n.png``, ``results_overlays.png``, and the
 generated part of ``RESULTS.md`` (between the ``BEGIN/END GENERATED`` markers; the rest of
 that file is left as written).
 
@@ -51,6 +52,7 @@ from fcl_flower.config import CONF_DIR, config_to_yaml, load_config  # noqa: E40
 
 PROFILE_DIR = CONF_DIR / "profile"
 CSV_COLUMNS = ("method", "finetune", "n_labeled", "dice_mean", "dice_std")
+FOLD_COLUMNS = ("method", "finetune", "n_labeled", "site", "fold", "dice", "hd95")
 BEGIN, END = "<!-- BEGIN GENERATED: simulations/paper_experiment.py -->", "<!-- END GENERATED -->"
 
 
@@ -226,29 +228,50 @@ ENGINES: dict[str, Callable[[DictConfig], int]] = {"flower": run_flower, "inproc
 # ---------------------------------------------------------------- collecting the results
 
 
+def stored_cells(out: Path, name: str) -> list[dict[str, Any]]:
+    """The fine-tuning cells in ``<out>/<name>/finetune/results.json`` (none if the method has not run)."""
+    path = out / name / "finetune" / "results.json"
+    return list(json.loads(path.read_text())["cells"].values()) if path.is_file() else []
+
+
 def load_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """``CSV_COLUMNS`` rows for every stored cell of the given methods, in table order."""
     rows = []
     for name in methods:
-        path = out / name / "finetune" / "results.json"
-        if not path.is_file():
-            continue
-        cells = json.loads(path.read_text())["cells"]
+        cells = stored_cells(out, name)
         for task in ("local", "federated"):
-            for cell in sorted((c for c in cells.values() if c["finetune"] == task), key=lambda c: c["n_labeled"]):
+            for cell in sorted((c for c in cells if c["finetune"] == task), key=lambda c: c["n_labeled"]):
                 rows.append({"method": name, "finetune": task, "n_labeled": int(cell["n_labeled"]),
                              "dice_mean": float(cell["dice_mean"]), "dice_std": float(cell["dice_std"]),
                              "complete": bool(cell["complete"])})
     return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def load_fold_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
+    """``FOLD_COLUMNS`` rows: the per-site, per-fold scores behind every stored cell.
+
+    A cell's ``dice_mean`` is the mean over sites of each site's mean over its folds; these
+    rows let a reader pair methods by site and fold (same labeled and held-out patients).
+    """
+    rows = []
+    for name in methods:
+        for cell in sorted(stored_cells(out, name), key=lambda c: (c["finetune"] != "local", c["n_labeled"])):
+            for site, result in sorted(cell["sites"].items()):
+                for fold in sorted(result["folds"], key=lambda f: f["fold"]):
+                    rows.append({"method": name, "finetune": cell["finetune"], "n_labeled": int(cell["n_labeled"]),
+                                 "site": site, "fold": int(fold["fold"]), "dice": float(fold["dice"]),
+                                 "hd95": float(fold.get("hd95", math.nan))})
+    return rows
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """``columns`` of ``rows`` as CSV; floats with four decimals."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for r in rows:
-            writer.writerow([r["method"], r["finetune"], r["n_labeled"], f"{r['dice_mean']:.4f}", f"{r['dice_std']:.4f}"])
+            writer.writerow([f"{r[c]:.4f}" if isinstance(r[c], float) else r[c] for c in columns])
 
 
 def _fmt(mean: float, std: float | None = None) -> str:
@@ -313,11 +336,8 @@ def paired_gains(out: Path, methods: Sequence[str]) -> str:
     method is ahead. Only cells both runs have for the same sites are compared.
     """
     def site_dice(name: str) -> dict[tuple[str, int], dict[str, float]]:
-        path = out / name / "finetune" / "results.json"
-        if not path.is_file():
-            return {}
-        cells = json.loads(path.read_text())["cells"].values()
-        return {(c["finetune"], int(c["n_labeled"])): {s: float(v["dice"]) for s, v in c["sites"].items()} for c in cells}
+        return {(c["finetune"], int(c["n_labeled"])): {s: float(v["dice"]) for s, v in c["sites"].items()}
+                for c in stored_cells(out, name)}
 
     base = site_dice("random")
     if not base:
@@ -528,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = load_rows(out, methods)
     write_csv(rows, docs / "results.csv")
+    write_csv(load_fold_rows(out, methods), docs / "results_folds.csv", FOLD_COLUMNS)
     plot_dice_vs_n(rows, methods, docs / "results_dice_vs_n.png")
     plot_overlays(out, methods, docs / "results_overlays.png")
     (out / "tables.md").write_text(markdown_tables(rows, methods) + "\n" + paper_comparison(rows))

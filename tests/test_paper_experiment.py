@@ -28,7 +28,7 @@ def isolated(tmp_path):
 def _fake_results(cfg, complete: bool = True, key: str | None = None) -> None:
     cells = {
         f"{t}/{n}": {"method": cfg.method, "finetune": t, "n_labeled": n, "complete": complete,
-                     "dice_mean": 0.5, "dice_std": 0.1}
+                     "dice_mean": 0.5, "dice_std": 0.1, "sites": {}}
         for t in ("local", "federated") for n in cfg.finetune.n_labeled
     }
     path = Path(cfg.output_dir) / "finetune" / "results.json"
@@ -126,6 +126,18 @@ def test_quick_profile_end_to_end_inprocess(tmp_path, isolated) -> None:
     assert text.startswith("# hand-written head") and text.rstrip().endswith("hand-written tail") and "\nold\n" not in text
     assert (docs / "results_overlays.png").is_file()
     assert "gain over random init, paired by site" in text
+    # the per-fold CSV: every site and fold of every cell, and each cell's mean is the mean of its sites' fold means
+    with open(docs / "results_folds.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == pe.FOLD_COLUMNS
+        folds = list(reader)
+    with open(docs / "results.csv", newline="") as fh:
+        cells = {(r["method"], r["finetune"], int(r["n_labeled"])): float(r["dice_mean"]) for r in csv.DictReader(fh)}
+    for (method, task, n), dice_mean in cells.items():
+        mine = [r for r in folds if (r["method"], r["finetune"], int(r["n_labeled"])) == (method, task, n)]
+        assert sorted({(r["site"], int(r["fold"])) for r in mine}) == [(f"site_{s:02d}", f) for s in range(3) for f in range(2)]
+        site_means = [sum(float(r["dice"]) for r in mine if r["site"] == s) / 2 for s in {r["site"] for r in mine}]
+        assert sum(site_means) / len(site_means) == pytest.approx(dice_mean, abs=2e-4)
     # the site state of the local-CL sites holds their own encoders; the FCL run its pre-trained one
     assert list((out / "local_cl" / "sites").glob("*/finetune/local_pretrained.npz"))
     assert (out / "fcl" / "encoder.pt").is_file() and not (out / "random" / "encoder.pt").exists()
