@@ -133,19 +133,21 @@ def expected_cells(cfg: DictConfig) -> list[str]:
 def finished(cfg: DictConfig) -> bool:
     """All fine-tuning cells of this run are stored, complete, and were computed with this config.
 
-    ``cfg`` is the resolved config of the run (``prepare_run``): the config key of
-    ``results.json`` must match, so changing any setting that matters reruns the method.
+    ``cfg`` is the resolved config of the run (``prepare_run``). Each expected cell must
+    carry the config key of ``cfg``: a ``results.json`` also keeps cells computed under
+    an earlier config (e.g. other N, or before a setting changed), and those do not count.
+    A cell without a key (written before cells carried one) does not count either; the
+    run then starts, and its fine-tuning stage recomputes only cells whose fingerprint
+    differs, stamping the key on the others.
     """
     from fcl_flower.finetune import config_fingerprint
 
     path = Path(cfg.output_dir) / "finetune" / "results.json"
     if not path.is_file():
         return False
-    stored = json.loads(path.read_text())
-    if stored.get("config_key") != config_fingerprint(cfg):
-        return False
-    cells = stored.get("cells", {})
-    return all(cells.get(key, {}).get("complete") for key in expected_cells(cfg))
+    key = config_fingerprint(cfg)
+    cells = json.loads(path.read_text()).get("cells", {})
+    return all(cells.get(c, {}).get("complete") and cells[c].get("config_key") == key for c in expected_cells(cfg))
 
 
 # ---------------------------------------------------------------- engines

@@ -178,6 +178,16 @@ def test_stage_cells_results_files_and_resume(cfg_factory) -> None:
     assert idle.calls == []
     assert any("2 cells already in" in line for line in idle.lines)
     assert json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"] == results["cells"]
+    # cells carry the config key they were computed under; a resumed run stamps it on cells stored without one
+    path = server.output_dir / "finetune" / RESULTS_JSON
+    assert {c["config_key"] for c in results["cells"].values()} == {results["config_key"]}
+    legacy = json.loads(path.read_text())
+    for c in legacy["cells"].values():
+        del c["config_key"]
+    path.write_text(json.dumps(legacy))
+    stamped = StubServer(cfg_factory("resume=true"))
+    assert run_finetune_stage(stamped, None) == 0 and stamped.calls == []
+    assert json.loads(path.read_text())["cells"] == results["cells"]
     # without resume everything is computed again
     fresh = StubServer(cfg_factory("finetune.tasks=[local]"))
     run_finetune_stage(fresh, None)
@@ -191,6 +201,9 @@ def test_stage_cells_results_files_and_resume(cfg_factory) -> None:
     changed = StubServer(cfg_factory("finetune.tasks=[local]", "finetune.local_steps=3", "resume=true"))
     run_finetune_stage(changed, None)
     assert changed.calls == [("fit", "local"), ("fit", "local")]
+    # the kept federated cell still names the config it came from, not the file's current one
+    stored = json.loads(path.read_text())
+    assert stored["cells"]["local/1"]["config_key"] == stored["config_key"] != stored["cells"]["federated/1"]["config_key"]
 
 
 def test_stage_is_reproducible_and_uses_the_pretrained_encoder(cfg_factory, tmp_path: Path) -> None:

@@ -25,15 +25,18 @@ def isolated(tmp_path):
     return [f"synthetic.cache_root={tmp_path / 'synthetic'}", f"data.cache_dir={tmp_path / 'cache'}"]
 
 
-def _fake_results(cfg, complete: bool = True, key: str | None = None) -> None:
+def _fake_results(cfg, complete: bool = True, key: str | None = None, stale: tuple[str, ...] = ()) -> None:
+    """A ``results.json`` with every cell of ``cfg``; cells named in ``stale`` carry another config's key."""
+    key = key or config_fingerprint(cfg)
     cells = {
         f"{t}/{n}": {"method": cfg.method, "finetune": t, "n_labeled": n, "complete": complete,
+                     "config_key": "another-config" if f"{t}/{n}" in stale else key,
                      "dice_mean": 0.5, "dice_std": 0.1, "sites": {}}
         for t in ("local", "federated") for n in cfg.finetune.n_labeled
     }
     path = Path(cfg.output_dir) / "finetune" / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config_key": key or config_fingerprint(cfg), "cells": cells}))
+    path.write_text(json.dumps({"config_key": key, "cells": cells}))
 
 
 def test_methods_cover_the_tables() -> None:
@@ -62,7 +65,7 @@ def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkey
     started: list[str] = []
 
     def fake_engine(cfg) -> int:
-        started.append(cfg.method)
+        started.append(Path(cfg.output_dir).name)
         _fake_results(cfg)
         return 0
 
@@ -74,16 +77,18 @@ def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkey
     _fake_results(sim_cfg, complete=False)  # a cell not complete: run again
     rot_cfg = resolved(pe.method_config(by["fedrotation"], "quick", out, isolated))
     _fake_results(rot_cfg, key="another-config")  # computed under another config: run again
-    assert pe.finished(fcl_cfg) and not pe.finished(sim_cfg) and not pe.finished(rot_cfg)
+    lcl_cfg = resolved(pe.method_config(by["fcl_no_gsm"], "quick", out, isolated))
+    _fake_results(lcl_cfg, stale=("federated/1",))  # the file's key is current, one cell's is not: run again
+    assert pe.finished(fcl_cfg) and not pe.finished(sim_cfg) and not pe.finished(rot_cfg) and not pe.finished(lcl_cfg)
 
     docs = tmp_path / "docs"
     rc = pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
-                  "--methods", "fcl,fedsimclr,fedrotation", *isolated])
+                  "--methods", "fcl,fedsimclr,fedrotation,fcl_no_gsm", *isolated])
     assert rc == 0
-    assert sorted(started) == ["rotation", "simclr"]
+    assert sorted(started) == ["fcl_no_gsm", "fedrotation", "fedsimclr"]
     started.clear()
     assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
-                    "--methods", "fcl,fedsimclr,fedrotation", *isolated]) == 0
+                    "--methods", "fcl,fedsimclr,fedrotation,fcl_no_gsm", *isolated]) == 0
     assert started == []  # everything finished: no run is started
     # a changed setting makes the method's cells stale
     assert pe.main(["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
