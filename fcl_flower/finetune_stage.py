@@ -22,9 +22,8 @@ For the method of the run (``cfg.method``) it fills a grid of *cells*, one per
 
 Results: ``<output_dir>/finetune/results.json`` (cells with per-site rows, mean and
 std across sites, failures, the fingerprint and config key each cell was computed
-under) and ``results.csv``; federated
-round losses in ``rounds.jsonl`` there; one ``[fcl]`` console line per cell and per
-federated round. With ``resume=true`` a cell already in ``results.json`` with the same
+under) and ``results.csv``; federated round losses in ``rounds.jsonl`` there; one
+``[fcl]`` console line per cell and per federated round. With ``resume=true`` a cell already in ``results.json`` with the same
 fingerprint and no failed site is not computed again.
 """
 
@@ -105,19 +104,14 @@ class ResultsStore:
         self.cells: dict[str, dict[str, Any]] = {}
         if cfg.resume and self.json_path.is_file():
             self.cells = json.loads(self.json_path.read_text()).get("cells", {})
+        for cell in self.cells.values():  # cells stored before they carried a config key get it from their fingerprint
+            if cell.get("fingerprint") == fingerprint:
+                cell["config_key"] = config_key
 
     def done(self, task: str, n_labeled: int) -> bool:
         """The cell is stored, complete, and was computed with this fingerprint."""
         cell = self.cells.get(cell_key(task, n_labeled))
         return bool(cell and cell.get("complete") and cell.get("fingerprint") == self.fingerprint)
-
-    def claim(self, task: str, n_labeled: int) -> None:
-        """Record this run's config key on a ``done`` cell stored before cells carried one.
-
-        The fingerprint already covers the config, so the key is the one the cell was
-        computed under; ``simulations/paper_experiment.py`` checks it cell by cell.
-        """
-        self.cells[cell_key(task, n_labeled)]["config_key"] = self.config_key
 
     def put(self, task: str, n_labeled: int, sites: dict[str, dict[str, Any]], failures: list[dict[str, str]],
             seconds: float) -> dict[str, Any]:
@@ -295,8 +289,6 @@ class FinetuneStage:
         ft = self.cfg.finetune
         todo = [(t, n) for t in TASKS if t in ft.tasks for n in ft.n_labeled if not self.store.done(t, n)]
         done = [(t, n) for t in TASKS if t in ft.tasks for n in ft.n_labeled if self.store.done(t, n)]
-        for t, n in done:
-            self.store.claim(t, n)
         if done:
             self.server.recorder.echo(
                 f"[fcl] finetune: {len(done)} cells already in {self.store.json_path} (resume), "

@@ -231,22 +231,21 @@ ENGINES: dict[str, Callable[[DictConfig], int]] = {"flower": run_flower, "inproc
 
 
 def stored_cells(out: Path, name: str) -> list[dict[str, Any]]:
-    """The fine-tuning cells in ``<out>/<name>/finetune/results.json`` (none if the method has not run)."""
+    """The local and federated fine-tuning cells in ``<out>/<name>/finetune/results.json``, in
+    table order (local first, then by N); none if the method has not run."""
     path = out / name / "finetune" / "results.json"
-    return list(json.loads(path.read_text())["cells"].values()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    tasks = ("local", "federated")
+    cells = (c for c in json.loads(path.read_text())["cells"].values() if c["finetune"] in tasks)
+    return sorted(cells, key=lambda c: (tasks.index(c["finetune"]), c["n_labeled"]))
 
 
 def load_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """``CSV_COLUMNS`` rows for every stored cell of the given methods, in table order."""
-    rows = []
-    for name in methods:
-        cells = stored_cells(out, name)
-        for task in ("local", "federated"):
-            for cell in sorted((c for c in cells if c["finetune"] == task), key=lambda c: c["n_labeled"]):
-                rows.append({"method": name, "finetune": task, "n_labeled": int(cell["n_labeled"]),
-                             "dice_mean": float(cell["dice_mean"]), "dice_std": float(cell["dice_std"]),
-                             "complete": bool(cell["complete"])})
-    return rows
+    return [{"method": name, "finetune": cell["finetune"], "n_labeled": int(cell["n_labeled"]),
+             "dice_mean": float(cell["dice_mean"]), "dice_std": float(cell["dice_std"]), "complete": bool(cell["complete"])}
+            for name in methods for cell in stored_cells(out, name)]
 
 
 def load_fold_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -257,7 +256,7 @@ def load_fold_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     """
     rows = []
     for name in methods:
-        for cell in sorted(stored_cells(out, name), key=lambda c: (c["finetune"] != "local", c["n_labeled"])):
+        for cell in stored_cells(out, name):
             for site, result in sorted(cell["sites"].items()):
                 for fold in sorted(result["folds"], key=lambda f: f["fold"]):
                     rows.append({"method": name, "finetune": cell["finetune"], "n_labeled": int(cell["n_labeled"]),
