@@ -10,10 +10,11 @@ one every round): it lives in the site's state folder.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
@@ -24,6 +25,10 @@ from fcl_flower.config import config_from_yaml
 from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
 from fcl_flower.wire import SITE, bank_to_metrics, remote_bank_from_config
 
+if TYPE_CHECKING:
+    from fcl_flower.fedbn import SiteNormStore
+
+LOG = logging.getLogger(__name__)
 SITE_TAG = "[site={}]"
 
 
@@ -177,6 +182,15 @@ class FinetuneClient(_SiteClient):
             raise ValueError(f"fold {fold} is not run (finetune.folds={cfg.finetune.folds}, run_folds={cfg.finetune.run_folds})")
         return splits[fold]
 
+    def _own_norm(self, cfg: DictConfig, site: Site, config: Mapping[str, Scalar]) -> SiteNormStore | None:
+        """This site's normalisation layers for the message's federated sequence (FedBN), or None."""
+        if cfg.finetune.federated_norm != "local":
+            return None
+        from fcl_flower.fedbn import SiteNormStore
+
+        return SiteNormStore(site.state_dir / "finetune" / "norm", str(config["run"]), int(config["n_labeled"]),
+                             int(config["fold"]))
+
     def fit(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         import json
         import time
@@ -198,7 +212,7 @@ class FinetuneClient(_SiteClient):
                 from fcl_flower.data.preprocess import load_site_volumes
 
                 volumes = [v.image for v in load_site_volumes(train, cfg)]
-                weights, metrics = ft.local_pretrain(parameters, volumes, cfg, state, ft.config_fingerprint(cfg))
+                weights, metrics = ft.local_pretrain(parameters, volumes, cfg, state, ft.local_pretrain_fingerprint(cfg))
                 return weights, len(volumes), {"site": site.name, **metrics}
             if task == "local":
                 from fcl_flower.models import encoder_from_weights
@@ -230,11 +244,16 @@ class FinetuneClient(_SiteClient):
                 n, fold = int(config["n_labeled"]), int(config["fold"])
                 split = self._split(cfg, site, n, fold)
                 model = ft.build_unet_from(cfg, parameters)
+                own_norm = self._own_norm(cfg, site, config)
+                if own_norm:
+                    own_norm.restore(model, before_round=server_round)
                 train = ft.train_segmentation(
                     model, self._labeled(cfg, site, split.labeled), cfg, cfg.finetune.fed_local_steps,
                     ft.stable_seed(cfg.seed, site.name, "federated", n, fold, server_round),
                     first_step=(server_round - 1) * cfg.finetune.fed_local_steps,
                 )
+                if own_norm:
+                    own_norm.save(model, server_round)
                 return ft.unet_weights(model), train.samples, {
                     "site": site.name, "loss": train.loss, "samples": train.samples, "seconds": train.seconds,
                 }
@@ -254,6 +273,10 @@ class FinetuneClient(_SiteClient):
             split = self._split(cfg, site, n, fold)
             test = self._labeled(cfg, site, split.test)
             model = ft.build_unet_from(cfg, parameters)
+            own_norm = self._own_norm(cfg, site, config)
+            if own_norm and not own_norm.restore(model, before_round=int(config["round"]) + 1):
+                LOG.warning("%s: no normalisation layers of its own for N=%d fold %d (FedBN); scoring with the "
+                            "server's average", site.name, n, fold)
             result = ft.evaluate_volumes(model, test, cfg, keep_predictions=cfg.finetune.overlay_slices > 0)
             if fold == 0 and cfg.finetune.overlay_slices > 0:
                 ft.write_overlays(

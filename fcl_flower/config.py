@@ -146,6 +146,7 @@ class FinetuneSchema:
     weight_decay: float = MISSING
     freeze_encoder: bool = MISSING
     frozen_encoder_steps: int = MISSING
+    federated_norm: str = MISSING
     augment: FinetuneAugmentSchema = field(default_factory=FinetuneAugmentSchema)
     overlay_slices: int = MISSING
     local_timeout: Optional[float] = MISSING
@@ -188,6 +189,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.norm": ("instance", "batch"),
     "pretrain.optimizer": ("sgd", "adam"),
     "finetune.init": ("auto", "random", "local_pretrain"),
+    "finetune.federated_norm": ("shared", "local"),
     "strategy.name": (
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
         "fedmedian", "fedtrimmedavg", "krum",

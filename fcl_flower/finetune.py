@@ -648,6 +648,11 @@ def write_overlays(
 LOCAL_ENCODER_FILE = "local_pretrained.npz"
 
 
+def local_pretrain_fingerprint(cfg: DictConfig) -> str:
+    """The config key of a site's own pre-trained encoder: every setting but the ``finetune`` section."""
+    return config_fingerprint(cfg, ignore=("finetune",))
+
+
 def local_pretrain(
     start_weights: Sequence[np.ndarray], volumes: list[np.ndarray], cfg: DictConfig, state_dir: Path, fingerprint: str
 ) -> tuple[list[np.ndarray], dict[str, float]]:
@@ -656,7 +661,8 @@ def local_pretrain(
     ``rounds`` rounds of ``pretrain.pretrain_round`` with this site's volumes only, each
     starting from the previous round's weights (nothing is averaged with other sites;
     no remote bank). The result is cached in ``state_dir`` under ``fingerprint`` (the
-    config that produced it), so a resumed run does not train again.
+    config that produced it, ``local_pretrain_fingerprint``), so a resumed run, or one that
+    changes only fine-tuning settings, does not train again.
 
     Args:
         start_weights: encoder + head weights (``models.get_weights`` order) to start from.
@@ -697,10 +703,14 @@ _NEUTRAL_KEYS = (
     "resume", "output_dir", "stages", "federation", "finetune.n_labeled", "finetune.tasks",
     "finetune.local_timeout", "finetune.overlay_slices", "deploy",
 )
+# keys added after cells were stored, each with the value that computes what the code did
+# before the key existed: at that value a key is left out, so stored cells stay valid
+_ADDED_KEYS = {"finetune.federated_norm": "shared"}
 
 
-def config_fingerprint(cfg: DictConfig, *extra: str) -> str:
-    """SHA-256 (hex, 16 chars) of the config minus ``_NEUTRAL_KEYS``, plus ``extra`` strings.
+def config_fingerprint(cfg: DictConfig, *extra: str, ignore: Sequence[str] = ()) -> str:
+    """SHA-256 (hex, 16 chars) of the config minus ``_NEUTRAL_KEYS``, ``ignore`` (dotted keys
+    or whole sections) and ``_ADDED_KEYS`` at their original value, plus ``extra`` strings.
 
     Two runs whose fingerprints match compute the same numbers for the same cell.
     """
@@ -709,12 +719,14 @@ def config_fingerprint(cfg: DictConfig, *extra: str) -> str:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in _NEUTRAL_KEYS:
+    left_out = [*((k, None) for k in (*_NEUTRAL_KEYS, *ignore)), *_ADDED_KEYS.items()]
+    for key, original in left_out:
         *parents, leaf = key.split(".")
         node = data
         for p in parents:
             node = node.get(p, {})
-        node.pop(leaf, None)
+        if original is None or node.get(leaf) == original:
+            node.pop(leaf, None)
     text = json.dumps(data, sort_keys=True) + "|" + "|".join(extra)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -331,7 +331,7 @@ class FinetuneStage:
             weights = self.federated_initial_weights()
             for rnd in range(1, ft.rounds + 1):
                 t_round = time.perf_counter()
-                extra = {"task": "federated", "n_labeled": n, "fold": fold, "round": rnd}
+                extra = {"task": "federated", "n_labeled": n, "fold": fold, "round": rnd, "run": self.fingerprint}
                 results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout)
                 round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", failures)
                 described += round_failures
@@ -355,7 +355,8 @@ class FinetuneStage:
                     f"sites {len(results)} ok {len(failures)} failed | {record['seconds']:.1f} s"
                 )
             results, failures = self._evaluate_all(
-                ndarrays_to_parameters(weights), {"task": "federated", "n_labeled": n, "fold": fold, "round": ft.rounds}
+                ndarrays_to_parameters(weights),
+                {"task": "federated", "n_labeled": n, "fold": fold, "round": ft.rounds, "run": self.fingerprint},
             )
             described += self._report_failures(f"federated N={n} fold {fold} evaluation", failures)
             for _, res in results:

@@ -37,6 +37,7 @@ def test_dotlist_overrides_reach_nested_keys():
         ("pretrain.temperature=0", "pretrain.temperature"),
         ("stages=[pretrain,deploy]", "stages"),
         ("data.image_size=[64]", "data.image_size"),
+        ("finetune.federated_norm=site", "finetune.federated_norm"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):

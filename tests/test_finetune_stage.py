@@ -289,3 +289,91 @@ def test_stage_time_budget_bounds_every_message() -> None:
     assert stage_time_budget(load_config(["finetune.tasks=[federated]", "federation.round_timeout=10",
                                           "finetune.n_labeled=[1]", "finetune.rounds=1"])) == 5 * 2 * 10
     assert stage_time_budget(load_config(["finetune.tasks=[local]", "finetune.init=local_pretrain"])) == 2 * 43_200
+
+
+# ---------------------------------------------------------------- FedBN (finetune.federated_norm = local)
+
+def _norm_positions(cfg) -> list[int]:
+    from fcl_flower.fedbn import norm_state_keys
+    from fcl_flower.models import build_unet
+
+    model = build_unet(cfg)
+    keys = set(norm_state_keys(model))
+    return [i for i, k in enumerate(model.state_dict()) if k in keys]
+
+
+def test_fedbn_site_keeps_its_own_batchnorm_across_rounds_and_at_evaluation(cfg_factory) -> None:
+    from fcl_flower.fedbn import SiteNormStore
+
+    common = ("model.norm=batch", "finetune.fed_local_steps=3")
+    own, shared = cfg_factory(*common, "finetune.federated_norm=local"), cfg_factory(*common)
+    client = StageClient({"partition-id": 0})
+    init = initial_unet_weights(own, None)
+    norm = _norm_positions(own)
+    assert norm and len(norm) < len(init)
+    seq = {"task": "federated", "n_labeled": 1, "fold": 0, "run": "run-a"}
+
+    trained, _, _ = client.fit(init, _message(own, round=1, **seq))
+    store = SiteNormStore(Path(own.output_dir) / "sites" / "site_00" / "finetune" / "norm", "run-a", 1, 0)
+    saved = torch.load(store.path, weights_only=True)
+    assert saved["round"] == 1 and saved["run"] == "run-a"
+    assert len(saved["layers"]) == len(norm)
+    assert all(np.array_equal(v.numpy(), trained[i]) for v, i in zip(saved["layers"].values(), norm))
+
+    # the server's average arrives with other normalisation layers (here: the untrained ones)
+    averaged = [init[i] if i in norm else a for i, a in enumerate(trained)]
+    assert any(not np.array_equal(averaged[i], trained[i]) for i in norm)
+    _, _, with_own = client.evaluate(averaged, _message(own, round=1, **seq))
+    _, _, as_trained = client.evaluate(trained, _message(shared, round=1, **seq))
+    _, _, with_average = client.evaluate(averaged, _message(shared, round=1, **seq))
+    assert with_own == as_trained and with_average != as_trained
+    # another run's layers, or layers of the same round, are not used
+    _, _, other_run = client.evaluate(averaged, _message(own, round=1, **{**seq, "run": "run-b"}))
+    assert other_run == with_average
+    assert not store.restore(torch.nn.Module(), before_round=1)
+
+    # round 2 starts from the site's own layers: the same as a shared-norm round from its trained U-Net
+    next_shared, _, _ = client.fit(trained, _message(shared, round=2, **seq))
+    next_own, _, _ = client.fit(averaged, _message(own, round=2, **seq))
+    assert all(np.array_equal(a, b) for a, b in zip(next_own, next_shared))
+    assert torch.load(store.path, weights_only=True)["round"] == 2
+
+
+def test_fedbn_stage_keeps_per_site_layers_and_scores_with_them(cfg_factory) -> None:
+    cfg = cfg_factory("model.norm=batch", "finetune.federated_norm=local", "finetune.tasks=[federated]",
+                      "finetune.fed_local_steps=2")
+    server = StubServer(cfg)
+    assert run_finetune_stage(server, None) == 0
+    results = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
+    cell = results["cells"]["federated/1"]
+    assert cell["complete"] and np.isfinite(cell["dice_mean"])
+    layers = {}
+    for site in ("site_00", "site_01"):
+        for fold in (0, 1):
+            saved = torch.load(server.output_dir / "sites" / site / "finetune" / "norm" / f"norm_n1_fold{fold}.pt",
+                               weights_only=True)
+            assert saved["round"] == cfg.finetune.rounds and saved["run"] == cell["fingerprint"]
+            layers[site, fold] = saved["layers"]
+    means = [k for k in layers["site_00", 0] if k.endswith("running_mean")]
+    assert means and any(not torch.equal(layers["site_00", 0][k], layers["site_01", 0][k]) for k in means)
+    shared = StubServer(cfg_factory("model.norm=batch", "finetune.tasks=[federated]", "finetune.fed_local_steps=2",
+                                    "resume=true"))
+    assert run_finetune_stage(shared, None) == 0  # a different setting: computed again, not resumed
+    again = json.loads((shared.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"]["federated/1"]
+    assert again["fingerprint"] != cell["fingerprint"] and again["dice_mean"] != cell["dice_mean"]
+
+
+def test_fingerprints_leave_out_added_keys_at_their_original_value() -> None:
+    from omegaconf import OmegaConf
+
+    from fcl_flower.config import load_config, with_overrides
+    from fcl_flower.finetune import config_fingerprint, local_pretrain_fingerprint
+
+    cfg = load_config()
+    before_the_key = OmegaConf.to_container(cfg)
+    del before_the_key["finetune"]["federated_norm"]
+    assert config_fingerprint(cfg) == config_fingerprint(OmegaConf.create(before_the_key))
+    assert config_fingerprint(with_overrides(cfg, ["finetune.federated_norm=local"])) != config_fingerprint(cfg)
+    # a site's own pre-trained encoder does not depend on fine-tuning settings
+    assert local_pretrain_fingerprint(with_overrides(cfg, ["finetune.lr=0.01"])) == local_pretrain_fingerprint(cfg)
+    assert local_pretrain_fingerprint(with_overrides(cfg, ["pretrain.lr=0.01"])) != local_pretrain_fingerprint(cfg)
