@@ -297,9 +297,13 @@ def config_to_yaml(cfg: DictConfig) -> str:
 
 
 def config_from_yaml(text: str) -> DictConfig:
-    """Rebuild a validated, read-only config from ``config_to_yaml`` output."""
+    """Rebuild a validated, read-only config from ``config_to_yaml`` output.
+
+    Keys that ``text`` lacks take their value from ``conf/default.yaml``: a config stored
+    by an earlier version (e.g. in a checkpoint) predates keys added since.
+    """
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), OmegaConf.create(text))
+        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), OmegaConf.load(DEFAULT_CONFIG), OmegaConf.create(text))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"received config is not valid: {str(exc).splitlines()[0]}") from exc
     validate_config(cfg)

@@ -75,6 +75,16 @@ def test_yaml_round_trip_and_with_overrides():
         with_overrides(cfg, ["sites=-1"])
 
 
+def test_a_stored_config_from_before_a_key_existed_takes_its_default():
+    text = config_to_yaml(load_config(["sites=3", "finetune.federated_norm=local"]))
+    older = "\n".join(line for line in text.splitlines() if "federated_norm" not in line)
+    assert older != text
+    cfg = config_from_yaml(older)
+    assert cfg.sites == 3 and cfg.finetune.federated_norm == load_config().finetune.federated_norm
+    with pytest.raises(ConfigError, match="federatd_norm"):
+        config_from_yaml(text.replace("federated_norm:", "federatd_norm:"))
+
+
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["simulate", "sitez=3"]) == 2
     assert "sitez" in capsys.readouterr().err
