@@ -311,6 +311,21 @@ def config_from_yaml(text: str) -> DictConfig:
     return cfg
 
 
+def config_differences(a: DictConfig, b: DictConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs (sorted)."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}."))
+        return out or {prefix: node}
+
+    left, right = (flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
+    return sorted(k.rstrip(".") for k in left.keys() | right.keys() if left.get(k) != right.get(k))
+
+
 def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """A new validated config: ``cfg`` with dotlist ``overrides`` applied."""
     return config_from_yaml(

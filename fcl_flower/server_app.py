@@ -29,7 +29,7 @@ from flwr.server.server import Server
 from omegaconf import DictConfig
 
 from fcl_flower.checkpoint import Checkpoint, load_latest_checkpoint, pack_arrays, save_checkpoint, unpack_arrays
-from fcl_flower.config import ConfigError, config_from_yaml, config_to_yaml, load_config, with_overrides
+from fcl_flower.config import ConfigError, config_differences, config_from_yaml, config_to_yaml, load_config, with_overrides
 from fcl_flower.metrics import RunRecorder
 from fcl_flower.models import encoder_from_weights, save_encoder
 from fcl_flower.pretrain import initial_weights
@@ -96,8 +96,9 @@ class FCLServer(Server):
             log(WARNING, "resume=true but %s holds no checkpoint: starting from round 1", self.ckpt_dir)
             return 0
         saved = config_from_yaml(ckpt.meta["config"])
-        if config_to_yaml(with_overrides(saved, ["resume=true", f"rounds={self.cfg.rounds}"])) != config_to_yaml(self.cfg):
-            log(WARNING, "resuming with a config that differs from the checkpoint's (beyond resume/rounds)")
+        changed = [k for k in config_differences(saved, self.cfg) if k not in ("resume", "rounds")]
+        if changed:
+            log(WARNING, "resuming with a config that differs from the checkpoint's in %s", ", ".join(changed))
         self.parameters = ndarrays_to_parameters(unpack_arrays("weights", ckpt.arrays))
         wrapped = self.relay.strategy
         for attr in STRATEGY_STATE_ATTRS:

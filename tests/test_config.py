@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from fcl_flower.cli import main
-from fcl_flower.config import ConfigError, config_from_yaml, config_to_yaml, load_config, with_overrides
+from fcl_flower.config import (
+    ConfigError, config_differences, config_from_yaml, config_to_yaml, load_config, with_overrides,
+)
 
 
 def test_defaults_load_and_are_read_only():
@@ -83,6 +85,13 @@ def test_a_stored_config_from_before_a_key_existed_takes_its_default():
     assert cfg.sites == 3 and cfg.finetune.federated_norm == load_config().finetune.federated_norm
     with pytest.raises(ConfigError, match="federatd_norm"):
         config_from_yaml(text.replace("federated_norm:", "federatd_norm:"))
+
+
+def test_config_differences_name_the_changed_keys():
+    base = load_config(["sites=3"])
+    assert config_differences(base, config_from_yaml(config_to_yaml(base))) == []
+    other = load_config(["sites=4", "finetune.lr=0.01", "strategy.options={proximal_mu: 0.1}"])
+    assert config_differences(base, other) == ["finetune.lr", "sites", "strategy.options", "strategy.options.proximal_mu"]
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
