@@ -182,14 +182,15 @@ class FinetuneClient(_SiteClient):
             raise ValueError(f"fold {fold} is not run (finetune.folds={cfg.finetune.folds}, run_folds={cfg.finetune.run_folds})")
         return splits[fold]
 
-    def _own_norm(self, cfg: DictConfig, site: Site, config: Mapping[str, Scalar]) -> SiteNormStore | None:
+    def _own_norm(
+        self, cfg: DictConfig, site: Site, config: Mapping[str, Scalar], n: int, fold: int
+    ) -> SiteNormStore | None:
         """This site's normalisation layers for the message's federated sequence (FedBN), or None."""
         if cfg.finetune.federated_norm != "local":
             return None
         from fcl_flower.fedbn import SiteNormStore
 
-        return SiteNormStore(site.state_dir / "finetune" / "norm", str(config["run"]), int(config["n_labeled"]),
-                             int(config["fold"]))
+        return SiteNormStore(site.state_dir / "finetune" / "norm", str(config["run"]), n, fold)
 
     def fit(self, parameters: NDArrays, config: Mapping[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         import json
@@ -244,7 +245,7 @@ class FinetuneClient(_SiteClient):
                 n, fold = int(config["n_labeled"]), int(config["fold"])
                 split = self._split(cfg, site, n, fold)
                 model = ft.build_unet_from(cfg, parameters)
-                own_norm = self._own_norm(cfg, site, config)
+                own_norm = self._own_norm(cfg, site, config, n, fold)
                 if own_norm:
                     own_norm.restore(model, before_round=server_round)
                 train = ft.train_segmentation(
@@ -273,7 +274,7 @@ class FinetuneClient(_SiteClient):
             split = self._split(cfg, site, n, fold)
             test = self._labeled(cfg, site, split.test)
             model = ft.build_unet_from(cfg, parameters)
-            own_norm = self._own_norm(cfg, site, config)
+            own_norm = self._own_norm(cfg, site, config, n, fold)
             if own_norm and not own_norm.restore(model, before_round=int(config["round"]) + 1):
                 LOG.warning("%s: no normalisation layers of its own for N=%d fold %d (FedBN); scoring with the "
                             "server's average", site.name, n, fold)

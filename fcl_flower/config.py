@@ -9,6 +9,7 @@ allowed choices.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -207,6 +208,14 @@ POSITIVE = (
 FINETUNE_TASKS = ("local", "federated")
 
 
+@functools.lru_cache(maxsize=1)
+def _default_layer() -> DictConfig:
+    """``conf/default.yaml``, read once per process (read-only; merging never changes it)."""
+    layer = OmegaConf.load(DEFAULT_CONFIG)
+    OmegaConf.set_readonly(layer, True)
+    return layer
+
+
 def load_config(
     overrides: Sequence[str] = (), config_file: str | Path | None = None
 ) -> DictConfig:
@@ -223,7 +232,7 @@ def load_config(
         ConfigError: unknown key, wrong type, value outside its choices, or an
             unreadable file; the message names the key or the file.
     """
-    layers = [OmegaConf.load(DEFAULT_CONFIG)]
+    layers = [_default_layer()]
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -303,7 +312,7 @@ def config_from_yaml(text: str) -> DictConfig:
     by an earlier version (e.g. in a checkpoint) predates keys added since.
     """
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), OmegaConf.load(DEFAULT_CONFIG), OmegaConf.create(text))
+        cfg = OmegaConf.merge(OmegaConf.structured(ConfigSchema), _default_layer(), OmegaConf.create(text))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"received config is not valid: {str(exc).splitlines()[0]}") from exc
     validate_config(cfg)

@@ -64,11 +64,14 @@ class SiteNormStore:
         if not self.path.is_file():
             return False
         saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        if saved.get("run") != self.run_key or not int(saved.get("round", before_round)) < before_round:
+        if saved["run"] != self.run_key or saved["round"] >= before_round:
             return False
         layers = saved["layers"]
         expected = norm_state_keys(model)
         if sorted(layers) != sorted(expected):
-            raise ValueError(f"{self.path}: stored normalisation layers do not match this U-Net ({len(layers)} vs {len(expected)} entries)")
+            raise ValueError(
+                f"{self.path}: stored normalisation layers do not match this U-Net "
+                f"({len(layers)} vs {len(expected)} entries)"
+            )
         model.load_state_dict(layers, strict=False)
         return True

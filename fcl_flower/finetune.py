@@ -719,14 +719,21 @@ def config_fingerprint(cfg: DictConfig, *extra: str, ignore: Sequence[str] = ())
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg, resolve=True)
-    left_out = [*((k, None) for k in (*_NEUTRAL_KEYS, *ignore)), *_ADDED_KEYS.items()]
-    for key, original in left_out:
+
+    def parent_of(key: str) -> tuple[dict, str]:
         *parents, leaf = key.split(".")
         node = data
         for p in parents:
             node = node.get(p, {})
-        if original is None or node.get(leaf) == original:
-            node.pop(leaf, None)
+        return node, leaf
+
+    for key in (*_NEUTRAL_KEYS, *ignore):
+        node, leaf = parent_of(key)
+        node.pop(leaf, None)
+    for key, original in _ADDED_KEYS.items():
+        node, leaf = parent_of(key)
+        if leaf in node and node[leaf] == original:
+            del node[leaf]
     text = json.dumps(data, sort_keys=True) + "|" + "|".join(extra)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -23,8 +23,9 @@ For the method of the run (``cfg.method``) it fills a grid of *cells*, one per
 Results: ``<output_dir>/finetune/results.json`` (cells with per-site rows, mean and
 std across sites, failures, the fingerprint and config key each cell was computed
 under) and ``results.csv``; federated round losses in ``rounds.jsonl`` there; one
-``[fcl]`` console line per cell and per federated round. With ``resume=true`` a cell already in ``results.json`` with the same
-fingerprint and no failed site is not computed again.
+``[fcl]`` console line per cell and per federated round. With ``resume=true`` a cell
+already in ``results.json`` with the same fingerprint and no failed site is not computed
+again.
 """
 
 from __future__ import annotations
@@ -329,9 +330,10 @@ class FinetuneStage:
         described: list[dict[str, str]] = []
         for fold in range(folds):
             weights = self.federated_initial_weights()
+            sequence = {"task": "federated", "n_labeled": n, "fold": fold, "run": self.fingerprint}
             for rnd in range(1, ft.rounds + 1):
                 t_round = time.perf_counter()
-                extra = {"task": "federated", "n_labeled": n, "fold": fold, "round": rnd, "run": self.fingerprint}
+                extra = {**sequence, "round": rnd}
                 results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout)
                 round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", failures)
                 described += round_failures
@@ -354,10 +356,7 @@ class FinetuneStage:
                     f"[fcl] finetune federated N={n} fold {fold} round {rnd}/{ft.rounds} | loss {loss_text} | "
                     f"sites {len(results)} ok {len(failures)} failed | {record['seconds']:.1f} s"
                 )
-            results, failures = self._evaluate_all(
-                ndarrays_to_parameters(weights),
-                {"task": "federated", "n_labeled": n, "fold": fold, "round": ft.rounds, "run": self.fingerprint},
-            )
+            results, failures = self._evaluate_all(ndarrays_to_parameters(weights), {**sequence, "round": ft.rounds})
             described += self._report_failures(f"federated N={n} fold {fold} evaluation", failures)
             for _, res in results:
                 site = str(res.metrics["site"])
