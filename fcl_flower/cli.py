@@ -38,6 +38,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         image_size=cfg.synthetic.image_size,
         spacing=cfg.synthetic.spacing,
         cine=args.cine or bool(cfg.data.use_4d_frames),
+        patient_variation=float(cfg.synthetic.patient_variation),
     )
     print(f"wrote {sites} sites x {patients} patients to {args.out} in "
           f"{time.perf_counter() - start:.1f} s (manifest: {manifest})")

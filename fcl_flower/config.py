@@ -60,6 +60,7 @@ class SyntheticSchema:
     patients_per_site: int = MISSING
     image_size: int = MISSING
     spacing: float = MISSING
+    patient_variation: float = MISSING
     cache_root: Optional[str] = MISSING
 
 
@@ -275,6 +276,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("config key 'pretrain.ema_momentum': must be in [0, 1)")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError("config key 'data.holdout_fraction': must be in [0, 1)")
+    from fcl_flower.data.synthetic import MAX_PATIENT_VARIATION
+
+    if not 0.0 <= cfg.synthetic.patient_variation <= MAX_PATIENT_VARIATION:
+        raise ConfigError(f"config key 'synthetic.patient_variation': must be in [0, {MAX_PATIENT_VARIATION:g}], "
+                          f"got {cfg.synthetic.patient_variation}")
     _validate_finetune(cfg)
     if cfg.federation.min_fit_sites > cfg.sites or cfg.federation.min_available_sites > cfg.sites:
         raise ConfigError(

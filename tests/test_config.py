@@ -40,6 +40,7 @@ def test_dotlist_overrides_reach_nested_keys():
         ("stages=[pretrain,deploy]", "stages"),
         ("data.image_size=[64]", "data.image_size"),
         ("finetune.federated_norm=site", "finetune.federated_norm"),
+        ("synthetic.patient_variation=-1", "synthetic.patient_variation"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):

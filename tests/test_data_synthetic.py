@@ -137,6 +137,26 @@ def test_deterministic_and_seeded(tmp_path, tiny_synthetic):
     assert a[0][0].shape != c[0][0].shape or not np.array_equal(a[0][0], c[0][0])
 
 
+def test_patient_variation_scales_contrast_between_patients_not_anatomy(tmp_path):
+    def blood_to_myocardium(root):
+        """log(median LV blood / median myocardium) of each patient's ED frame, and the labels."""
+        out = []
+        for pid in json.loads((root / "manifest.json").read_text())["patients"]["site_00"]:
+            image, label, _, _ = _frames(root, "site_00", pid)[0]
+            out.append((np.log(np.median(image[label == 3]) / np.median(image[label == 2])), label))
+        return out
+
+    looks = {}
+    for variation in (0.0, 3.0):
+        root = tmp_path / f"v{variation:g}"
+        generate_dataset(root, sites=1, patients_per_site=5, seed=0, image_size=48, patient_variation=variation)
+        assert json.loads((root / "manifest.json").read_text())["params"]["patient_variation"] == variation
+        looks[variation] = blood_to_myocardium(root)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(looks[0.0], looks[3.0]))  # same anatomy
+    spread = {v: np.std([ratio for ratio, _ in rows]) for v, rows in looks.items()}
+    assert spread[3.0] > 1.5 * spread[0.0]  # the patients of one site differ more in contrast
+
+
 def test_refuses_non_empty_folder_and_bad_args(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
@@ -145,6 +165,8 @@ def test_refuses_non_empty_folder_and_bad_args(tmp_path):
     assert err.value.path == tmp_path / "x" and "not empty" in str(err.value)
     with pytest.raises(DataError):
         generate_dataset(tmp_path / "y", sites=0, patients_per_site=1, seed=0)
+    with pytest.raises(DataError, match="patient_variation"):
+        generate_dataset(tmp_path / "z", sites=1, patients_per_site=1, seed=0, patient_variation=7.0)
 
 
 def test_builtin_dataset_generated_once(tmp_path):
@@ -153,6 +175,9 @@ def test_builtin_dataset_generated_once(tmp_path):
     second = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5)
     assert first == second and (second / "manifest.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folders left
+    varied = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5,
+                                    patient_variation=2.0)
+    assert varied != first and json.loads((varied / "manifest.json").read_text())["params"]["patient_variation"] == 2.0
 
 
 def test_contraction_cycle():

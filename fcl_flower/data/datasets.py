@@ -313,7 +313,7 @@ def dataset_root(cfg) -> Path:
         Path(str(cache_root)).expanduser(), sites=cfg.sites,
         patients_per_site=cfg.synthetic.patients_per_site, seed=cfg.seed,
         image_size=cfg.synthetic.image_size, spacing=cfg.synthetic.spacing,
-        cine=bool(cfg.data.use_4d_frames),
+        cine=bool(cfg.data.use_4d_frames), patient_variation=float(cfg.synthetic.patient_variation),
     )
 
 

@@ -11,8 +11,9 @@ Real ACDC cannot be shipped, so this generator produces data that behaves like i
   outline with subcutaneous fat and chest-wall muscle, ribs, lungs with vessels, liver
   and stomach rising towards the apex, descending aorta and a vertebra.
 * Patients vary by ACDC group (NOR, MINF, DCM, HCM, RV: cavity size, wall thickness,
-  ejection fraction, RV size), heart position, in-plane rotation, shape and body size.
-  Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
+  ejection fraction, RV size), heart position, in-plane rotation, shape and body size,
+  and within a site by their own tissue contrast and coil shading (``patient_variation``
+  scales how much). Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
   optionally (``cine``), the whole unlabeled cardiac cycle as a 4D file: the heart
   contracts smoothly from ED to ES and relaxes back.
 * Sites (scanners) vary the tissue-to-intensity mapping (per-tissue gains and a gamma),
@@ -46,6 +47,7 @@ GENERATOR_VERSION = 3
 LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
 REFERENCE_FOV_MM = 160.0  # smaller fields of view scale the anatomy down to fit
+MAX_PATIENT_VARIATION = 6.0  # 1 - 6 x 0.15 > 0: every tissue gain of _patient_look stays positive
 
 # tissue classes of the anatomical model
 AIR, SOFT, FAT, MUSCLE, LUNG, VESSEL, LIVER, STOMACH, AORTA, BONE, MARROW = range(11)
@@ -631,8 +633,25 @@ def _tune_allocator() -> None:
         pass
 
 
+def _patient_look(rng: np.random.Generator, variation: float) -> tuple[np.ndarray, np.ndarray]:
+    """A patient's own contrast and coil shading, the same in every frame of the patient.
+
+    Returns ``(patient_gain, bias_jitter)``: a multiplier per tissue (order of TISSUES;
+    one per material, +-15 %, with a +-3 % jitter per tissue) and a multiplier per bias
+    coefficient (0.4 to 1.6). ``variation`` scales each spread around 1 (1: the ranges
+    above, 0: every patient of a site looks alike); the draws do not depend on it.
+    """
+    def spread(draw: np.ndarray) -> np.ndarray:
+        return 1.0 + variation * (draw - 1.0)
+
+    patient_gain = spread(rng.uniform(0.85, 1.15, int(MATERIAL.max()) + 1))[MATERIAL]
+    patient_gain *= spread(rng.uniform(0.97, 1.03, len(TISSUES)))
+    return patient_gain, spread(rng.uniform(0.4, 1.6, 6))
+
+
 def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
-                     image_size: int = 128, spacing: float = 1.5, cine: bool = False) -> Path:
+                     image_size: int = 128, spacing: float = 1.5, cine: bool = False,
+                     patient_variation: float = 1.0) -> Path:
     """Write the multi-site synthetic dataset in ACDC layout and return the manifest path.
 
     Layout: ``<out>/site_XX/patientNNN/patientNNN_frameFF.nii.gz`` (+ ``_gt``) for the
@@ -640,7 +659,9 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
     ``cine`` every patient also gets ``patientNNN_4d.nii.gz``: all ``NbFrame`` frames of
     the cardiac cycle, unlabeled, whose ED and ES frames equal the 3D files. Patient
     numbers are unique across the dataset. Arrays are identical for the same arguments
-    (the ED and ES files do not depend on ``cine``).
+    (the ED and ES files do not depend on ``cine``). ``patient_variation`` scales how much
+    the patients of one site differ in contrast and coil shading (see ``_patient_look``;
+    anatomy and scanner are the same draws at every value).
 
     Raises:
         DataError: ``out`` exists and is not empty, or an argument is out of range.
@@ -651,6 +672,9 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
                              f"patients_per_site={patients_per_site}")
     if image_size < 16 or not spacing > 0:
         raise DataError(out, f"image_size must be >= 16 and spacing > 0, got {image_size}, {spacing}")
+    if not 0.0 <= patient_variation <= MAX_PATIENT_VARIATION:
+        raise DataError(out, f"patient_variation must be in [0, {MAX_PATIENT_VARIATION:g}] (tissue gains stay "
+                             f"positive), got {patient_variation}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "already exists and is not empty; choose a new folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
@@ -662,7 +686,8 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
         "format": "acdc",
         "seed": seed,
         "params": {"sites": sites, "patients_per_site": patients_per_site,
-                   "image_size": image_size, "spacing": spacing, "cine": cine},
+                   "image_size": image_size, "spacing": spacing, "cine": cine,
+                   "patient_variation": patient_variation},
         "labels": LABELS,
         "tissues": list(TISSUES),
         "sites": [],
@@ -681,10 +706,7 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
             pid = f"patient{number:0{width}d}"
             pat_seed = [seed, 0xCA4D, s, p]
             pat = _patient_params(np.random.default_rng(pat_seed + [0]), site)
-            look_rng = np.random.default_rng(pat_seed + [3])  # the patient's contrast and coil shading
-            patient_gain = look_rng.uniform(0.85, 1.15, int(MATERIAL.max()) + 1)[MATERIAL]
-            patient_gain *= look_rng.uniform(0.97, 1.03, len(TISSUES))
-            bias_jitter = look_rng.uniform(0.4, 1.6, 6)
+            patient_gain, bias_jitter = _patient_look(np.random.default_rng(pat_seed + [3]), patient_variation)
             pdir = site_dir / pid
             pdir.mkdir()
             affine = _affine(site, image_size, pat.slices)
@@ -714,7 +736,8 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
 
 
 def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int, seed: int,
-                           image_size: int, spacing: float, cine: bool = False) -> Path:
+                           image_size: int, spacing: float, cine: bool = False,
+                           patient_variation: float = 1.0) -> Path:
     """The built-in synthetic dataset for these settings, generated once under ``cache_root``.
 
     Safe when several processes ask at once: each generates into a private temporary
@@ -723,14 +746,14 @@ def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int,
     """
     cache_root = Path(cache_root).expanduser()
     key = (f"v{GENERATOR_VERSION}_sites{sites}_p{patients_per_site}_seed{seed}_n{image_size}_sp{spacing:g}"
-           + ("_cine" if cine else ""))
+           + ("_cine" if cine else "") + ("" if patient_variation == 1.0 else f"_pv{patient_variation:g}"))
     final = cache_root / key
     if (final / "manifest.json").is_file():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing, cine)
+        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing, cine, patient_variation)
         try:
             os.rename(tmp, final)
         except OSError:
