@@ -22,6 +22,7 @@ from flwr.common import Context, NDArrays, Scalar
 from omegaconf import DictConfig
 
 from fcl_flower.config import config_from_yaml
+from fcl_flower.environment import ENVIRONMENT, environment_metric
 from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
 from fcl_flower.wire import SITE, bank_to_metrics, remote_bank_from_config
 
@@ -124,6 +125,7 @@ class FCLClient(_SiteClient):
             metrics: dict[str, Scalar] = {"site": site.name, **result.metrics}
             # message in -> first training step: process start, imports, data, model build, state load
             metrics["startup_seconds"] = called - self.started + result.metrics["setup_seconds"]
+            metrics[ENVIRONMENT] = environment_metric()
             if cfg.relay.enabled:  # with the relay off, no feature leaves the site
                 metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
             return result.weights, result.num_samples, metrics
@@ -214,7 +216,7 @@ class FinetuneClient(_SiteClient):
 
                 volumes = [v.image for v in load_site_volumes(train, cfg)]
                 weights, metrics = ft.local_pretrain(parameters, volumes, cfg, state, ft.local_pretrain_fingerprint(cfg))
-                return weights, len(volumes), {"site": site.name, **metrics}
+                return weights, len(volumes), {"site": site.name, **metrics, ENVIRONMENT: environment_metric()}
             if task == "local":
                 from fcl_flower.models import encoder_from_weights
 
@@ -240,6 +242,7 @@ class FinetuneClient(_SiteClient):
                 results = {str(n): cell.to_json() for n, cell in cells.items()}
                 return [], len(budgets), {
                     "site": site.name, "results": json.dumps(results), "seconds": time.perf_counter() - t0,
+                    ENVIRONMENT: environment_metric(),
                 }
             if task == "federated":
                 n, fold = int(config["n_labeled"]), int(config["fold"])
@@ -257,6 +260,7 @@ class FinetuneClient(_SiteClient):
                     own_norm.save(model, server_round)
                 return ft.unet_weights(model), train.samples, {
                     "site": site.name, "loss": train.loss, "samples": train.samples, "seconds": train.seconds,
+                    ENVIRONMENT: environment_metric(),
                 }
             raise ValueError(f"unknown fine-tuning task {task!r}")
 
@@ -284,7 +288,9 @@ class FinetuneClient(_SiteClient):
                     site.state_dir / "finetune" / "overlays", f"federated_n{n}",
                     f"{cfg.method} | federated fine-tuning | N={n} | {site.name}", test, result.predictions, cfg,
                 )
-            metrics: dict[str, Scalar] = {"site": site.name, **{k: float(v) for k, v in result.mean.items()}}
+            metrics: dict[str, Scalar] = {
+                "site": site.name, **{k: float(v) for k, v in result.mean.items()}, ENVIRONMENT: environment_metric(),
+            }
             return 1.0 - float(result.mean["dice"]), len(test), metrics
 
 

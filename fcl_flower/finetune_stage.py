@@ -22,7 +22,8 @@ For the method of the run (``cfg.method``) it fills a grid of *cells*, one per
 
 Results: ``<output_dir>/finetune/results.json`` (cells with per-site rows, mean and
 std across sites, failures, the fingerprint and config key each cell was computed
-under) and ``results.csv``; federated round losses in ``rounds.jsonl`` there; one
+under, and where: the server's and each site's compute environment, see
+``fcl_flower.environment``) and ``results.csv``; federated round losses in ``rounds.jsonl`` there; one
 ``[fcl]`` console line per cell and per federated round. With ``resume=true`` a cell
 already in ``results.json`` with the same fingerprint and no failed site is not computed
 again.
@@ -45,6 +46,9 @@ from flwr.server.server import evaluate_clients, fit_clients
 from omegaconf import DictConfig
 
 from fcl_flower.config import config_to_yaml
+from fcl_flower.environment import (
+    ENVIRONMENT, EnvironmentRecord, compute_environment, environment_record, merge_records,
+)
 from fcl_flower.finetune import (
     average_weights, config_fingerprint, initial_unet_weights, metric_keys, replace_encoder,
 )
@@ -115,7 +119,7 @@ class ResultsStore:
         return bool(cell and cell.get("complete") and cell.get("fingerprint") == self.fingerprint)
 
     def put(self, task: str, n_labeled: int, sites: dict[str, dict[str, Any]], failures: list[dict[str, str]],
-            seconds: float) -> dict[str, Any]:
+            seconds: float, environment: EnvironmentRecord) -> dict[str, Any]:
         keys = metric_keys(self.cfg.model.num_classes)
         mean, std = site_stats(sites, keys)
         cell = {
@@ -132,6 +136,7 @@ class ResultsStore:
             "sites": dict(sorted(sites.items())),
             "failures": failures,
             "seconds": seconds,
+            "environment": environment,
         }
         self.cells[cell_key(task, n_labeled)] = cell
         self.write()
@@ -188,6 +193,8 @@ class FinetuneStage:
         self.config_key = config_fingerprint(self.cfg)
         self.fingerprint = config_fingerprint(self.cfg, self.init_kind, self._encoder_digest())
         self.store = ResultsStore(self.folder, self.cfg, self.fingerprint, self.config_key)
+        self.environment = compute_environment()  # this server's; the sites send theirs with every result
+        self.upstream: list[EnvironmentRecord] = []  # where the sites' own encoders were pre-trained (local CL)
         self.failures = 0
         self._init: list[np.ndarray] | None = None
         self._federated_init: list[np.ndarray] | None = None
@@ -242,6 +249,7 @@ class FinetuneStage:
             ndarrays_to_parameters(initial_weights(self.cfg)), {"task": "local_pretrain"}, self.cfg.finetune.local_timeout
         )
         self._report_failures("local pre-training", failures)
+        self.upstream.append(self._environment(results))
         if not results:
             raise RuntimeError("local pre-training failed on every site")
         weights = [parameters_to_ndarrays(res.parameters) for _, res in results]
@@ -317,9 +325,10 @@ class FinetuneStage:
         )
         described = self._report_failures("local", failures)
         per_site = {str(res.metrics["site"]): json.loads(str(res.metrics["results"])) for _, res in results}
+        environment = merge_records([*self.upstream, self._environment(results)])
         for n in budgets:
             sites = {site: cells[str(n)] for site, cells in per_site.items()}
-            cell = self.store.put("local", n, sites, described, time.perf_counter() - t0)
+            cell = self.store.put("local", n, sites, described, time.perf_counter() - t0, environment)
             self.server.recorder.echo(cell_line(cell, self.cfg.model.num_classes))
 
     def _federated(self, n: int) -> None:
@@ -328,6 +337,7 @@ class FinetuneStage:
         folds = ft.run_folds or ft.folds  # the first run_folds folds, as in local fine-tuning
         per_site: dict[str, dict[str, Any]] = {}
         described: list[dict[str, str]] = []
+        environments: list[EnvironmentRecord] = []
         for fold in range(folds):
             weights = self.federated_initial_weights()
             sequence = {"task": "federated", "n_labeled": n, "fold": fold, "run": self.fingerprint}
@@ -337,6 +347,7 @@ class FinetuneStage:
                 results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout)
                 round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", failures)
                 described += round_failures
+                environments.append(self._environment(results))
                 if results:
                     weights = average_weights(
                         [parameters_to_ndarrays(res.parameters) for _, res in results],
@@ -358,17 +369,27 @@ class FinetuneStage:
                 )
             results, failures = self._evaluate_all(ndarrays_to_parameters(weights), {**sequence, "round": ft.rounds})
             described += self._report_failures(f"federated N={n} fold {fold} evaluation", failures)
+            environments.append(self._environment(results))
             for _, res in results:
                 site = str(res.metrics["site"])
-                row = {k: float(v) for k, v in res.metrics.items() if k != "site"}
+                row = {k: float(v) for k, v in res.metrics.items() if k not in ("site", ENVIRONMENT)}
                 per_site.setdefault(site, {"folds": []})["folds"].append({"fold": fold, **row, "volumes": res.num_examples})
         keys = metric_keys(self.cfg.model.num_classes)
         for site, entry in per_site.items():
             for key in keys:
                 values = np.array([f.get(key, np.nan) for f in entry["folds"]], dtype=np.float64)
                 entry[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        cell = self.store.put("federated", n, per_site, described, time.perf_counter() - t0)
+        cell = self.store.put("federated", n, per_site, described, time.perf_counter() - t0,
+                              merge_records([*self.upstream, *environments]))
         self.server.recorder.echo(cell_line(cell, self.cfg.model.num_classes))
+
+    def _environment(self, results: list[tuple[ClientProxy, Any]]) -> EnvironmentRecord:
+        """Where one message's results were computed: this server and each site that answered.
+
+        A cell's record merges those of all messages it depends on: its own, and for
+        ``finetune.init=local_pretrain`` the sites' local pre-training.
+        """
+        return environment_record(self.environment, {str(res.metrics["site"]): res.metrics for _, res in results})
 
     def _append_round(self, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

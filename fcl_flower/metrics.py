@@ -8,7 +8,12 @@ A round record is a plain dict::
                            "down_weights_bytes": ..., "down_bank_bytes": ...,
                            "remote_rows": 512, "eval_loss": 4.3}, ...},
      "failures": [{"site": "site_03", "reason": "..."}],
-     "rejected_banks": [{"site": "site_05", "reason": "..."}]}
+     "rejected_banks": [{"site": "site_05", "reason": "..."}],
+     "environment": {"server": "3f1c9a0b", "sites": {"site_00": "3f1c9a0b", ...},
+                     "described": {"3f1c9a0b": {"torch": "2.13.0+cpu", ...}}}}
+
+``environment`` is ``fcl_flower.environment``'s record of where the round was computed;
+``rounds.csv`` gives each site's environment id.
 
 Flower-free; the ServerApp builds the records.
 """
@@ -63,13 +68,15 @@ class RunRecorder:
         tmp = self.csv.with_suffix(".tmp")
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(("stage", "round", "site", "status", *SITE_COLUMNS))
+            writer.writerow(("stage", "round", "site", "status", *SITE_COLUMNS, "environment"))
             for rec in records:
                 failed = {f["site"]: f["reason"] for f in rec.get("failures", [])}
+                environments = rec.get("environment", {}).get("sites", {})
                 for site, values in sorted(rec.get("sites", {}).items()):
-                    writer.writerow((rec["stage"], rec["round"], site, "ok", *(values.get(c, "") for c in SITE_COLUMNS)))
+                    writer.writerow((rec["stage"], rec["round"], site, "ok", *(values.get(c, "") for c in SITE_COLUMNS),
+                                     environments.get(site, "")))
                 for site in sorted(failed):
-                    writer.writerow((rec["stage"], rec["round"], site, "failed", *([""] * len(SITE_COLUMNS))))
+                    writer.writerow((rec["stage"], rec["round"], site, "failed", *([""] * (len(SITE_COLUMNS) + 1))))
         tmp.replace(self.csv)
 
     def plot(self, png: Path | None = None) -> Path:

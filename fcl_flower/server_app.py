@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from fcl_flower.checkpoint import Checkpoint, load_latest_checkpoint, pack_arrays, save_checkpoint, unpack_arrays
 from fcl_flower.config import ConfigError, config_differences, config_from_yaml, config_to_yaml, load_config, with_overrides
+from fcl_flower.environment import compute_environment, environment_record
 from fcl_flower.metrics import RunRecorder
 from fcl_flower.models import encoder_from_weights, save_encoder
 from fcl_flower.pretrain import initial_weights
@@ -70,6 +71,7 @@ class FCLServer(Server):
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         self.recorder = RunRecorder(self.output_dir, echo=lambda line: log(INFO, line))
+        self.environment = compute_environment()  # the server's; the sites send theirs with every result
 
     # -- checkpoints -----------------------------------------------------------------
     def _save(self, server_round: int, stage: str) -> None:
@@ -191,6 +193,8 @@ class FCLServer(Server):
             "sites": sites,
             "failures": failed,
             "rejected_banks": report.get("rejected", []),
+            "environment": environment_record(self.environment, {str(res.metrics.get("site", "?")): res.metrics
+                                                                 for _, res in results}),
         }
 
     @property

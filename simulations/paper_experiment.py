@@ -17,8 +17,9 @@ started run finished pre-training rounds and finished cells are not recomputed.
 
 Outputs (``--docs``, default ``docs/``): ``results.csv`` (``method,finetune,n_labeled,
 dice_mean,dice_std``), ``results_folds.csv`` (the per-site, per-fold Dice and HD95 behind
-each cell), ``results_dice_vs_n.png``, ``results_overlays.png``, and the
-generated part of ``RESULTS.md`` (between the ``BEGIN/END GENERATED`` markers; the rest of
+each cell, with the id of the compute environment the site computed it in),
+``results_dice_vs_n.png``, ``results_overlays.png``, and the generated part of ``RESULTS.md``
+(which also lists the compute environments the cells came from) (between the ``BEGIN/END GENERATED`` markers; the rest of
 that file is left as written).
 
 Engines: ``flower`` (default) runs each method with ``fcl-flower simulate`` (a private
@@ -52,7 +53,7 @@ from fcl_flower.config import CONF_DIR, config_to_yaml, load_config  # noqa: E40
 
 PROFILE_DIR = CONF_DIR / "profile"
 CSV_COLUMNS = ("method", "finetune", "n_labeled", "dice_mean", "dice_std")
-FOLD_COLUMNS = ("method", "finetune", "n_labeled", "site", "fold", "dice", "hd95")
+FOLD_COLUMNS = ("method", "finetune", "n_labeled", "site", "fold", "dice", "hd95", "environment")
 BEGIN, END = "<!-- BEGIN GENERATED: simulations/paper_experiment.py -->", "<!-- END GENERATED -->"
 
 
@@ -257,12 +258,57 @@ def load_fold_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for name in methods:
         for cell in stored_cells(out, name):
+            environments = cell.get("environment", {}).get("sites", {})  # none for cells computed before it was recorded
             for site, result in sorted(cell["sites"].items()):
                 for fold in sorted(result["folds"], key=lambda f: f["fold"]):
                     rows.append({"method": name, "finetune": cell["finetune"], "n_labeled": int(cell["n_labeled"]),
                                  "site": site, "fold": int(fold["fold"]), "dice": float(fold["dice"]),
-                                 "hd95": float(fold.get("hd95", math.nan))})
+                                 "hd95": float(fold.get("hd95", math.nan)), "environment": environments.get(site, "")})
     return rows
+
+
+def _cells(count: int) -> str:
+    return f"{count} cell" + ("" if count == 1 else "s")
+
+
+def environments_summary(out: Path, methods: Sequence[str]) -> str:
+    """Which compute environments (server and sites) the stored cells were computed in.
+
+    One line when all cells share one; otherwise each environment with the cells it took
+    part in, since the same cell computed on two machines can differ (RESULTS.md,
+    "Whether a cell reproduces on another machine").
+    """
+    from fcl_flower.environment import describe
+
+    described: dict[str, dict[str, str]] = {}
+    cells_in: dict[str, list[str]] = {}
+    unrecorded = []
+    for name in methods:
+        for cell in stored_cells(out, name):
+            label = f"{name} {cell['finetune']} N={cell['n_labeled']}"
+            record = cell.get("environment")
+            if not record:
+                unrecorded.append(label)
+                continue
+            described.update(record["described"])
+            for ident in sorted({part for joined in (record["server"], *record["sites"].values())
+                                 for part in joined.split("+")}):
+                cells_in.setdefault(ident, []).append(label)
+    lines = []
+    if len(cells_in) == 1:
+        ident = next(iter(cells_in))
+        lines.append(f"Compute environment of every cell (server and sites): `{ident}`, {describe(described[ident])}.")
+    elif cells_in:
+        lines.append(f"**These cells come from {len(cells_in)} compute environments** (server and sites); the same "
+                     "cell computed in two of them can differ in its last digits, at N = 1 by a few hundredths a site:")
+        lines.append("")
+        lines += [f"- `{ident}`, {describe(described[ident])}: {_cells(len(labels))} ({', '.join(labels)})"
+                  for ident, labels in sorted(cells_in.items())]
+    if unrecorded:
+        lines += [""] if lines else []
+        lines.append(f"{_cells(len(unrecorded))} without a record of the compute environment (computed before it "
+                     f"was recorded): {', '.join(unrecorded)}.")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
@@ -473,6 +519,8 @@ def generated_section(rows, methods, profile: str, command: str, cfg_text: str, 
     ]
     if (docs / "results_overlays.png").is_file():
         lines += ["![overlays](results_overlays.png)", ""]
+    if out is not None:
+        lines.append(environments_summary(out, methods))
     ran = {k: v for k, v in timings.items() if v > 0}
     if ran:
         lines += ["Wall-clock per method run by this invocation (methods already finished are not listed): "

@@ -21,6 +21,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from fcl_flower.client_app import SiteFailure, StageClient
 from fcl_flower.config import config_to_yaml
+from fcl_flower.environment import compute_environment, environment_id
 from fcl_flower.finetune import initial_unet_weights, metric_keys
 from fcl_flower.finetune_stage import RESULTS_CSV, RESULTS_JSON, run_finetune_stage
 from fcl_flower.models import build_encoder, save_encoder
@@ -160,6 +161,11 @@ def test_stage_cells_results_files_and_resume(cfg_factory) -> None:
         assert cell["complete"] and sorted(cell["sites"]) == ["site_00", "site_01"]
         assert np.isfinite(cell["dice_mean"]) and np.isfinite(cell["dice_std"])
         assert cell["dice_mean"] == pytest.approx(np.mean([s["dice"] for s in cell["sites"].values()]))
+    # each cell names where it was computed: the server and every site, here all this process
+    here = environment_id(compute_environment())
+    for cell in results["cells"].values():
+        assert cell["environment"]["server"] == here and cell["environment"]["sites"] == {"site_00": here, "site_01": here}
+        assert cell["environment"]["described"] == {here: compute_environment()}
     csv_text = (server.output_dir / "finetune" / RESULTS_CSV).read_text().splitlines()
     assert csv_text[0].startswith("method,finetune,n_labeled,site,dice,dice_rv,dice_myo,dice_lv,hd95")
     assert len(csv_text) == 1 + 2 * (2 + 2)  # 2 cells x (2 sites + mean + std)
@@ -242,10 +248,24 @@ def test_stage_reports_a_failing_site_and_leaves_the_cell_incomplete(cfg_factory
     assert healed.calls.count(("fit", "local")) == 2
 
 
-def test_local_pretrain_init(cfg_factory) -> None:
+def test_local_pretrain_init(cfg_factory, monkeypatch) -> None:
     cfg = cfg_factory("method=local_cl", "finetune.init=local_pretrain", "rounds=1", "pretrain.batch_volumes=2",
                       "pretrain.max_steps_per_round=1", "finetune.run_folds=1", "finetune.rounds=1")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    fit = InProcessProxy.fit
+
+    def pretrain_elsewhere(self, ins, timeout, group_id):
+        """The sites' local pre-training reports another environment (oneDNN limited to AVX2), the rest this one."""
+        if ins.config["task"] == "local_pretrain":
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        try:
+            return fit(self, ins, timeout, group_id)
+        finally:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+    monkeypatch.setattr(InProcessProxy, "fit", pretrain_elsewhere)
     server = StubServer(cfg)
+    server.max_workers = 1  # one site at a time: the variable is process-wide
     assert run_finetune_stage(server, None) == 0
     assert server.calls.count(("fit", "local_pretrain")) == 2
     assert any("local pre-training" in line for line in server.lines)
@@ -253,6 +273,13 @@ def test_local_pretrain_init(cfg_factory) -> None:
     assert cached.is_file()
     results = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())
     assert all(np.isfinite(c["dice_mean"]) for c in results["cells"].values())
+    # both cells depend on the sites' own encoders, so they name where those were pre-trained too
+    here = compute_environment()
+    there = {**here, "kernel_limits": "ONEDNN_MAX_CPU_ISA=AVX2"}
+    both = "+".join(sorted([environment_id(here), environment_id(there)]))
+    for cell in results["cells"].values():
+        assert cell["environment"]["sites"] == {"site_00": both, "site_01": both}
+        assert cell["environment"]["server"] == environment_id(here) and len(cell["environment"]["described"]) == 2
 
 
 def test_cli_finetune_runs_only_the_finetune_stage_from_the_encoder(tmp_path: Path, monkeypatch) -> None:

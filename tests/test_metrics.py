@@ -16,6 +16,7 @@ def _record(r: int, failed: bool = False) -> dict:
         "round": r, "stage": "pretrain", "seconds": 1.5, "loss": 4.0 - r * 0.1, "eval_loss": 4.2,
         "sites": sites, "failures": [{"site": "site_02", "reason": "DataError: bad"}] if failed else [],
         "rejected_banks": [],
+        "environment": {"server": "0a0a0a0a", "sites": {name: f"{r:08d}" for name in sites}, "described": {}},
     }
 
 
@@ -28,6 +29,8 @@ def test_files_follow_records_and_resume_truncates(tmp_path: Path):
     rows = list(csv.DictReader(open(tmp_path / "rounds.csv")))
     assert len(rows) == 9
     assert [r["status"] for r in rows if r["round"] == "2" and r["site"] == "site_02"] == ["failed"]
+    assert [r["environment"] for r in rows if r["site"] == "site_00"] == ["00000001", "00000002", "00000003"]
+    assert [r["environment"] for r in rows if r["status"] == "failed"] == [""]
     assert "round 2/3" in lines[1] and "2 ok 1 failed" in lines[1]
     rec.truncate_after(1, "pretrain")
     assert [r["round"] for r in rec.records()] == [1]

@@ -39,6 +39,45 @@ def _fake_results(cfg, complete: bool = True, key: str | None = None, stale: tup
     path.write_text(json.dumps({"config_key": key, "cells": cells}))
 
 
+def _stored(out: Path, method: str, cells: dict[str, dict | None]) -> None:
+    """``<out>/<method>/finetune/results.json`` with one site and fold per cell; the value is the cell's
+    environment record (None: a cell stored before environments were recorded)."""
+    stored = {}
+    for key, record in cells.items():
+        task, n = key.split("/")
+        cell = {"method": method, "finetune": task, "n_labeled": int(n), "complete": True, "dice_mean": 0.5,
+                "dice_std": 0.0, "sites": {"site_00": {"dice": 0.5, "folds": [{"fold": 0, "dice": 0.5, "hd95": 3.0}]}}}
+        stored[key] = cell if record is None else {**cell, "environment": record}
+    path = out / method / "finetune" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"cells": stored}))
+
+
+def test_the_docs_name_the_compute_environments_the_cells_came_from(tmp_path) -> None:
+    from fcl_flower.environment import ENVIRONMENT, compute_environment, environment_id, environment_record
+
+    here = compute_environment()
+    there = {**here, "cpu_capability": "AVX2", "kernel_limits": "ONEDNN_MAX_CPU_ISA=AVX2"}
+    at_home = environment_record(here, {"site_00": {ENVIRONMENT: json.dumps(here)}})
+    elsewhere = environment_record(here, {"site_00": {ENVIRONMENT: json.dumps(there)}})
+    one, two = tmp_path / "one", tmp_path / "two"
+    _stored(one, "random", {"local/1": at_home, "federated/1": at_home})
+    summary = pe.environments_summary(one, ["random"])
+    assert summary.startswith(f"Compute environment of every cell (server and sites): `{environment_id(here)}`")
+    assert "compute environments" not in summary and "without a record" not in summary
+
+    _stored(two, "random", {"local/1": at_home})
+    _stored(two, "fcl", {"local/1": elsewhere, "federated/1": None})
+    summary = pe.environments_summary(two, ["random", "fcl"])
+    assert "**These cells come from 2 compute environments**" in summary
+    assert f"- `{environment_id(here)}`, " in summary and "2 cells (random local N=1, fcl local N=1)" in summary
+    assert f"- `{environment_id(there)}`, " in summary and "ONEDNN_MAX_CPU_ISA=AVX2: 1 cell (fcl local N=1)" in summary
+    assert "1 cell without a record of the compute environment" in summary and "fcl federated N=1." in summary
+    folds = pe.load_fold_rows(two, ["random", "fcl"])
+    assert [(r["method"], r["finetune"], r["environment"]) for r in folds] == [
+        ("random", "local", environment_id(here)), ("fcl", "local", environment_id(there)), ("fcl", "federated", "")]
+
+
 def test_methods_cover_the_tables() -> None:
     assert pe.METHOD_NAMES == ("random", "local_cl", "fedrotation", "fedsimclr", "fcl", "fcl_no_gsm", "fcl_no_fe")
     assert sorted(pe.RUN_ORDER) == sorted(pe.METHOD_NAMES)
@@ -143,6 +182,11 @@ def test_quick_profile_end_to_end_inprocess(tmp_path, isolated) -> None:
         assert sorted({(r["site"], int(r["fold"])) for r in mine}) == [(f"site_{s:02d}", f) for s in range(3) for f in range(2)]
         site_means = [sum(float(r["dice"]) for r in mine if r["site"] == s) / 2 for s in {r["site"] for r in mine}]
         assert sum(site_means) / len(site_means) == pytest.approx(dice_mean, abs=2e-4)
+    # every fold row names its site's compute environment: in process, this one, as the generated text says
+    from fcl_flower.environment import compute_environment, environment_id
+
+    assert {r["environment"] for r in folds} == {environment_id(compute_environment())}
+    assert f"Compute environment of every cell (server and sites): `{environment_id(compute_environment())}`" in text
     # the site state of the local-CL sites holds their own encoders; the FCL run its pre-trained one
     assert list((out / "local_cl" / "sites").glob("*/finetune/local_pretrained.npz"))
     assert (out / "fcl" / "encoder.pt").is_file() and not (out / "random" / "encoder.pt").exists()

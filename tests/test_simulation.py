@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fcl_flower.cli import main
 
@@ -57,6 +58,10 @@ def test_three_sites_two_rounds_write_metrics_checkpoints_and_encoder(full_run: 
         assert rec["failures"] == [] and rec["rejected_banks"] == []
         assert all(math.isfinite(s["loss"]) and s["up_bank_bytes"] > 0 for s in rec["sites"].values())
         assert math.isfinite(rec["eval_loss"])
+        # where the round was computed: each site's environment, sent by its own ClientApp process
+        env = rec["environment"]
+        assert sorted(env["sites"]) == sorted(rec["sites"]) and env["server"] in env["described"]
+        assert all(env["described"][i]["torch"] == torch.__version__ for i in env["sites"].values())
     # Round 1: no bank exists yet. Round 2: each site gets the two other sites' banks,
     # each subsampled on the server to relay.max_rows_per_site rows.
     assert all(s["remote_rows"] == 0 for s in records[0]["sites"].values())
