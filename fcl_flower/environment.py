@@ -33,6 +33,10 @@ SIMD_FLAG_PREFIXES = ("sse4", "avx", "fma", "amx", "f16c")  # the CPU flags oneD
 # Environment variables that change which kernels run (and so the last bits of a result).
 KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES")
 
+# A site's description is a few hundred characters; anything longer is not stored, so that a
+# faulty site cannot swell every round record.
+MAX_ENVIRONMENT_CHARS = 4096
+
 EnvironmentRecord = dict[str, Any]
 
 
@@ -93,8 +97,9 @@ def environment_metric() -> str:
 
 
 def read_environment(value: Any) -> dict[str, str] | None:
-    """A site's ``metrics["environment"]`` back as a dict; None if absent or not a JSON object of strings."""
-    if not isinstance(value, str):
+    """A site's ``metrics["environment"]`` back as a dict; None if absent, longer than
+    ``MAX_ENVIRONMENT_CHARS``, or not a JSON object of strings."""
+    if not isinstance(value, str) or len(value) > MAX_ENVIRONMENT_CHARS:
         return None
     try:
         environment = json.loads(value)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from fcl_flower.environment import (
-    ENVIRONMENT, compute_environment, describe, environment_id, environment_metric, environment_record, merge_records,
-    read_environment,
+    ENVIRONMENT, MAX_ENVIRONMENT_CHARS, compute_environment, describe, environment_id, environment_metric,
+    environment_record, merge_records, read_environment,
 )
 
 
@@ -33,7 +33,8 @@ def test_it_names_this_process_packages_and_kernel_dispatch(monkeypatch) -> None
 
 def test_wire_form_round_trips_and_bad_values_read_as_none() -> None:
     assert read_environment(environment_metric()) == compute_environment()
-    for bad in (None, 3.0, "", "not json", "[1, 2]", json.dumps({"torch": 2}), b"{}"):
+    swollen = json.dumps({**compute_environment(), "padding": "x" * MAX_ENVIRONMENT_CHARS})
+    for bad in (None, 3.0, "", "not json", "[1, 2]", json.dumps({"torch": 2}), b"{}", swollen):
         assert read_environment(bad) is None
 
 
