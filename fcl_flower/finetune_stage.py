@@ -46,9 +46,7 @@ from flwr.server.server import evaluate_clients, fit_clients
 from omegaconf import DictConfig
 
 from fcl_flower.config import config_to_yaml
-from fcl_flower.environment import (
-    ENVIRONMENT, EnvironmentRecord, compute_environment, environment_record, merge_records,
-)
+from fcl_flower.environment import ENVIRONMENT, EnvironmentRecord, environment_record, merge_records
 from fcl_flower.finetune import (
     average_weights, config_fingerprint, initial_unet_weights, metric_keys, replace_encoder,
 )
@@ -193,7 +191,6 @@ class FinetuneStage:
         self.config_key = config_fingerprint(self.cfg)
         self.fingerprint = config_fingerprint(self.cfg, self.init_kind, self._encoder_digest())
         self.store = ResultsStore(self.folder, self.cfg, self.fingerprint, self.config_key)
-        self.environment = compute_environment()  # this server's; the sites send theirs with every result
         self.upstream: list[EnvironmentRecord] = []  # where the sites' own encoders were pre-trained (local CL)
         self.failures = 0
         self._init: list[np.ndarray] | None = None
@@ -389,7 +386,7 @@ class FinetuneStage:
         A cell's record merges those of all messages it depends on: its own, and for
         ``finetune.init=local_pretrain`` the sites' local pre-training.
         """
-        return environment_record(self.environment, {str(res.metrics["site"]): res.metrics for _, res in results})
+        return environment_record(self.server.environment, {str(res.metrics["site"]): res.metrics for _, res in results})
 
     def _append_round(self, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

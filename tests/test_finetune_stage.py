@@ -139,6 +139,7 @@ class StubServer:
         self.calls: list[tuple[str, str]] = []
         self.lines: list[str] = []
         self.recorder = type("Recorder", (), {"echo": staticmethod(self.lines.append)})()
+        self.environment = compute_environment()
         self._manager = SimpleClientManager()
         for p in range(cfg.sites):
             self._manager.register(InProcessProxy(p, self.calls, fail=p == fail_site))
