@@ -19,8 +19,9 @@ Outputs (``--docs``, default ``docs/``): ``results.csv`` (``method,finetune,n_la
 dice_mean,dice_std``), ``results_folds.csv`` (the per-site, per-fold Dice and HD95 behind
 each cell, with the id of the compute environment the site computed it in),
 ``results_dice_vs_n.png``, ``results_overlays.png``, and the generated part of ``RESULTS.md``
-(which also lists the compute environments the cells came from) (between the ``BEGIN/END GENERATED`` markers; the rest of
-that file is left as written).
+between the ``BEGIN/END GENERATED`` markers (the rest of that file is left as written): the
+paper's tables, each method paired site by site against random init and against FCL (mean,
+spread, sites ahead, standard errors), and the compute environments the cells came from.
 
 Engines: ``flower`` (default) runs each method with ``fcl-flower simulate`` (a private
 SuperLink, Flower's Ray simulation engine, one virtual SuperNode per site);
@@ -376,45 +377,56 @@ def paper_comparison(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def paired_gains(out: Path, methods: Sequence[str]) -> str:
-    """Each method's Dice minus random init's, paired by site (same splits, same test patients).
+def _site_dice(out: Path, name: str) -> dict[tuple[str, int], dict[str, float]]:
+    """{(task, N): {site: Dice averaged over the site's folds}} of one method's stored cells."""
+    return {(c["finetune"], int(c["n_labeled"])): {s: float(v["dice"]) for s, v in c["sites"].items()}
+            for c in stored_cells(out, name)}
 
-    Cells: mean ± std over sites of the per-site difference, and on how many sites the
-    method is ahead. Only cells both runs have for the same sites are compared.
+
+def paired_difference(mine: dict[str, float], other: dict[str, float]) -> str:
+    """``mine - other`` paired by site, over the sites both have: "mean ± std (ahead/n, z SE)".
+
+    ``std`` is over sites (ddof 0, as the tables' ± everywhere); ``ahead`` counts the sites
+    where ``mine`` is higher; ``z = |mean| / (std / sqrt(n))``, the mean in standard errors.
+    "—" when no site is shared.
     """
-    def site_dice(name: str) -> dict[tuple[str, int], dict[str, float]]:
-        return {(c["finetune"], int(c["n_labeled"])): {s: float(v["dice"]) for s, v in c["sites"].items()}
-                for c in stored_cells(out, name)}
+    common = sorted(set(mine) & set(other))
+    if not common:
+        return "—"
+    d = [mine[s] - other[s] for s in common]
+    mean = sum(d) / len(d)
+    std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+    z = f"{abs(mean) / (std / math.sqrt(len(d))):.1f}" if std > 0 else "∞"
+    return f"{mean:+.3f} ± {std:.3f} ({sum(x > 0 for x in d)}/{len(d)}, {z} SE)"
 
-    base = site_dice("random")
-    if not base:
-        return ""
+
+def paired_gains(out: Path, methods: Sequence[str]) -> str:
+    """Methods compared site by site (same splits, same labeled and test patients), per task and N.
+
+    Two tables per task: each method minus random init, and FCL minus each other
+    pre-training (when FCL is among ``methods``). A cell is ``paired_difference`` of the two methods'
+    per-site Dice; only sites both have are compared.
+    """
+    dice = {name: _site_dice(out, name) for name in dict.fromkeys(["random", *methods])}
+    others = [m for m in methods if m != "random"]
+    # (caption, the method every row is paired with, rows as (method shown, minuend, subtrahend))
+    tables = [("gain over random init", "random", [(m, m, "random") for m in others])]
+    if "fcl" in methods:
+        tables.append(("FCL minus each method", "fcl", [(m, "fcl", m) for m in others if m != "fcl"]))
     lines = []
     for task, title in (("local", "Local"), ("federated", "Federated")):
-        budgets = sorted(n for t, n in base if t == task)
-        rows = []
-        for name in methods:
-            if name == "random":
-                continue
-            mine = site_dice(name)
-            cells = []
-            for n in budgets:
-                a, b = mine.get((task, n), {}), base[(task, n)]
-                common = sorted(set(a) & set(b))
-                if not common:
-                    cells.append("—")
-                    continue
-                d = [a[s] - b[s] for s in common]
-                mean = sum(d) / len(d)
-                std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
-                cells.append(f"{mean:+.3f} ± {std:.3f} ({sum(x > 0 for x in d)}/{len(d)})")
-            if any(c != "—" for c in cells):
-                rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
-        if rows:
-            lines += [f"**{title} fine-tuning: gain over random init, paired by site** "
-                      "(mean ± std of the per-site Dice difference; sites where the method is ahead)\n",
-                      "| method | " + " | ".join(f"N={n}" for n in budgets) + " |",
-                      "|---|" + "---|" * len(budgets), *rows, ""]
+        for caption, reference, pairs in tables:
+            budgets = sorted(n for t, n in dice[reference] if t == task)
+            rows = []
+            for name, a, b in pairs:
+                cells = [paired_difference(dice[a].get((task, n), {}), dice[b].get((task, n), {})) for n in budgets]
+                if any(c != "—" for c in cells):
+                    rows.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+            if rows:
+                lines += [f"**{title} fine-tuning: {caption}, paired by site** (mean ± std over sites of the per-site "
+                          "Dice difference; sites where it is positive; the mean in standard errors)\n",
+                          "| method | " + " | ".join(f"N={n}" for n in budgets) + " |",
+                          "|---|" + "---|" * len(budgets), *rows, ""]
     return "\n".join(lines)
 
 

@@ -39,18 +39,42 @@ def _fake_results(cfg, complete: bool = True, key: str | None = None, stale: tup
     path.write_text(json.dumps({"config_key": key, "cells": cells}))
 
 
-def _stored(out: Path, method: str, cells: dict[str, dict | None]) -> None:
-    """``<out>/<method>/finetune/results.json`` with one site and fold per cell; the value is the cell's
-    environment record (None: a cell stored before environments were recorded)."""
+def _stored(out: Path, method: str, cells: dict[str, dict | None], dice: dict[str, float] | None = None) -> None:
+    """``<out>/<method>/finetune/results.json`` with one fold per site and cell; a cell's value is its
+    environment record (None: a cell stored before environments were recorded); ``dice``: {site: Dice}
+    of every cell (default one site at 0.5)."""
+    dice = dice or {"site_00": 0.5}
     stored = {}
     for key, record in cells.items():
         task, n = key.split("/")
-        cell = {"method": method, "finetune": task, "n_labeled": int(n), "complete": True, "dice_mean": 0.5,
-                "dice_std": 0.0, "sites": {"site_00": {"dice": 0.5, "folds": [{"fold": 0, "dice": 0.5, "hd95": 3.0}]}}}
+        sites = {s: {"dice": d, "folds": [{"fold": 0, "dice": d, "hd95": 3.0}]} for s, d in dice.items()}
+        cell = {"method": method, "finetune": task, "n_labeled": int(n), "complete": True,
+                "dice_mean": sum(dice.values()) / len(dice), "dice_std": 0.0, "sites": sites}
         stored[key] = cell if record is None else {**cell, "environment": record}
     path = out / method / "finetune" / "results.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"cells": stored}))
+
+
+def test_paired_tables_pair_methods_site_by_site(tmp_path) -> None:
+    """Hand-computed: FCL - random = (+0.10, +0.05, 0.00) over three sites; FedSimCLR has two sites and no
+    federated cell, so it is paired over those two and left out of the federated tables."""
+    both = {"local/1": None, "federated/1": None}
+    _stored(tmp_path, "random", both, {"site_00": 0.30, "site_01": 0.40, "site_02": 0.50})
+    _stored(tmp_path, "fcl", both, {"site_00": 0.40, "site_01": 0.45, "site_02": 0.50})
+    _stored(tmp_path, "fedsimclr", {"local/1": None}, {"site_00": 0.35, "site_01": 0.45})
+    assert pe.paired_difference({"a": 0.4}, {"b": 0.3}) == "—"
+    text = pe.paired_gains(tmp_path, ["random", "fcl", "fedsimclr"])
+    local, federated = text.split("**Federated fine-tuning: gain over random init")
+    # mean 0.05, std sqrt(0.005 / 3) = 0.0408, mean / (std / sqrt(3)) = 2.1; ahead on 2 of 3 sites
+    assert "| FCL | +0.050 ± 0.041 (2/3, 2.1 SE) |" in local
+    assert "| FedSimCLR | +0.050 ± 0.000 (2/2, ∞ SE) |" in local
+    assert "**Local fine-tuning: FCL minus each method, paired by site**" in local
+    assert "| FedSimCLR | +0.025 ± 0.025 (1/2, 1.4 SE) |" in local.split("FCL minus each method")[1]
+    assert "| FCL | +0.050 ± 0.041 (2/3, 2.1 SE) |" in federated
+    assert "FedSimCLR" not in federated and "FCL minus each method" not in federated
+    # without FCL among the methods there is no FCL table
+    assert "FCL minus" not in pe.paired_gains(tmp_path, ["random", "fedsimclr"])
 
 
 def test_the_docs_name_the_compute_environments_the_cells_came_from(tmp_path) -> None:
