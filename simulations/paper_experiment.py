@@ -387,8 +387,8 @@ def paired_difference(mine: dict[str, float], other: dict[str, float]) -> str:
     """``mine - other`` paired by site, over the sites both have: "mean ± std (ahead/n, z SE)".
 
     ``std`` is over sites (ddof 0, as the tables' ± everywhere); ``ahead`` counts the sites
-    where ``mine`` is higher; ``z = |mean| / (std / sqrt(n))``, the mean in standard errors.
-    "—" when no site is shared.
+    where ``mine`` is higher; ``z = |mean| / (std / sqrt(n))``, the mean in standard errors
+    (∞ when every site differs by the same non-zero amount). "—" when no site is shared.
     """
     common = sorted(set(mine) & set(other))
     if not common:
@@ -396,7 +396,10 @@ def paired_difference(mine: dict[str, float], other: dict[str, float]) -> str:
     d = [mine[s] - other[s] for s in common]
     mean = sum(d) / len(d)
     std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
-    z = f"{abs(mean) / (std / math.sqrt(len(d))):.1f}" if std > 0 else "∞"
+    if std > 1e-9:
+        z = f"{abs(mean) / (std / math.sqrt(len(d))):.1f}"
+    else:  # every site differs by the same amount (up to rounding): a non-zero mean is infinitely many errors
+        z = "∞" if abs(mean) > 1e-9 else "0.0"
     return f"{mean:+.3f} ± {std:.3f} ({sum(x > 0 for x in d)}/{len(d)}, {z} SE)"
 
 

@@ -64,6 +64,7 @@ def test_paired_tables_pair_methods_site_by_site(tmp_path) -> None:
     _stored(tmp_path, "fcl", both, {"site_00": 0.40, "site_01": 0.45, "site_02": 0.50})
     _stored(tmp_path, "fedsimclr", {"local/1": None}, {"site_00": 0.35, "site_01": 0.45})
     assert pe.paired_difference({"a": 0.4}, {"b": 0.3}) == "—"
+    assert pe.paired_difference({"a": 0.4, "b": 0.3}, {"a": 0.4, "b": 0.3}) == "+0.000 ± 0.000 (0/2, 0.0 SE)"
     text = pe.paired_gains(tmp_path, ["random", "fcl", "fedsimclr"])
     local, federated = text.split("**Federated fine-tuning: gain over random init")
     # mean 0.05, std sqrt(0.005 / 3) = 0.0408, mean / (std / sqrt(3)) = 2.1; ahead on 2 of 3 sites
