@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -394,8 +395,7 @@ def paired_difference(mine: dict[str, float], other: dict[str, float]) -> str:
     if not common:
         return "—"
     d = [mine[s] - other[s] for s in common]
-    mean = sum(d) / len(d)
-    std = (sum((x - mean) ** 2 for x in d) / len(d)) ** 0.5
+    mean, std = statistics.fmean(d), statistics.pstdev(d)
     if std > 1e-9:
         z = f"{abs(mean) / (std / math.sqrt(len(d))):.1f}"
     else:  # every site differs by the same amount (up to rounding): a non-zero mean is infinitely many errors
