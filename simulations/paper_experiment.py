@@ -385,16 +385,20 @@ def _site_dice(out: Path, name: str) -> dict[tuple[str, int], dict[str, float]]:
 
 
 def paired_difference(mine: dict[str, float], other: dict[str, float]) -> str:
-    """``mine - other`` paired by site, over the sites both have: "mean ± std (ahead/n, z SE)".
-
-    ``std`` is over sites (ddof 0, as the tables' ± everywhere); ``ahead`` counts the sites
-    where ``mine`` is higher; ``z = |mean| / (std / sqrt(n))``, the mean in standard errors
-    (∞ when every site differs by the same non-zero amount). "—" when no site is shared.
-    """
+    """``mine - other`` paired by site, over the sites both have: ``describe_differences`` of them."""
     common = sorted(set(mine) & set(other))
-    if not common:
+    return describe_differences([mine[s] - other[s] for s in common])
+
+
+def describe_differences(d: Sequence[float]) -> str:
+    """Per-site differences as "mean ± std (ahead/n, z SE)"; "—" when there are none.
+
+    ``std`` is over sites (ddof 0, as the tables' ± everywhere); ``ahead`` counts the positive
+    differences; ``z = |mean| / (std / sqrt(n))``, the mean in standard errors (∞ when every
+    site differs by the same non-zero amount).
+    """
+    if not d:
         return "—"
-    d = [mine[s] - other[s] for s in common]
     mean, std = statistics.fmean(d), statistics.pstdev(d)
     if std > 1e-9:
         z = f"{abs(mean) / (std / math.sqrt(len(d))):.1f}"
