@@ -15,7 +15,8 @@ seed) and the sites both have; it is ``paper_experiment.describe_differences`` o
 differences: mean ± std over sites, sites ahead, and the mean in standard errors::
 
     python simulations/seed_tables.py merge docs/results_n1_wide_r120.csv \\
-        test:0:runs/diag/test-wide-r120-all-docs/results_folds.csv test:2:runs/diag/s2-wide-r120-all-docs/results_folds.csv
+        test:0:runs/diag/test-wide-r120-all-docs/results_folds.csv test:2:runs/diag/s2-wide-r120-all-docs/results_folds.csv \\
+        test:3:runs/diag/s3-wide-r120-all-docs/results_folds.csv
     python simulations/seed_tables.py summary docs/results_n1_wide_r120.csv --federation test --finetune local --n-labeled 1
 """
 
