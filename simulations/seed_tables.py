@@ -82,8 +82,6 @@ def summary_table(dice: SiteDice) -> str:
     methods = [m for m in METHOD_NAMES if m in dice]
 
     def paired(a: str, b: str) -> str:
-        if a not in dice or b not in dice:
-            return "—"
         diff, used = seed_averaged_difference(dice, a, b)
         cell = describe_differences(list(diff.values()))
         return cell if used == seeds or cell == "—" else f"{cell} [seeds {','.join(map(str, used))}]"
