@@ -229,3 +229,18 @@ def test_quick_profile_one_method_through_the_flower_simulation_engine(tmp_path,
     _check_outputs(docs, ["fcl"], [1, 2])
     log = (out / "fcl" / "logs" / "run.log").read_text()
     assert "[fcl] pretrain round 1/1" in log and "[fcl] finetune federated N=2" in log
+
+
+@pytest.mark.parametrize("tasks, panels", [(("local",), 1), (("local", "federated"), 2)])
+def test_dice_plot_has_one_panel_per_finetune_task_and_a_legend(tmp_path, tasks, panels):
+    """A local-only run gets one panel, not an empty federated one, and its legend names the methods."""
+    import matplotlib.image
+    import warnings
+
+    rows = [{"method": m, "finetune": t, "n_labeled": n, "dice_mean": 0.4 + 0.01 * n, "dice_std": 0.05}
+            for m in ("random", "fcl") for t in tasks for n in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend is asked of a panel without labelled lines
+        png = pe.plot_dice_vs_n(rows, ["random", "fcl"], tmp_path / "dice.png")
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert round(width / height * 4.2 / 5.5) == panels
