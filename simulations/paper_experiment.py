@@ -443,7 +443,7 @@ def plot_dice_vs_n(rows: Sequence[dict[str, Any]], methods: Sequence[str], png: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [task for task in ("local", "federated") if any(r["finetune"] == task for r in rows)]
+    tasks = [task for task in ("local", "federated") if any(r["finetune"] == task for r in rows)] or ["local"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, task in zip(axes, tasks):
@@ -462,7 +462,8 @@ def plot_dice_vs_n(rows: Sequence[dict[str, Any]], methods: Sequence[str], png: 
         ax.set_title(f"{task} fine-tuning")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice (mean ± std across sites)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    if axes[-1].lines:
+        axes[-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
