@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 
 from omegaconf import DictConfig  # noqa: E402
 
-from fcl_flower.config import CONF_DIR, config_to_yaml, load_config  # noqa: E402
+from fcl_flower.config import CONF_DIR, FINETUNE_TASKS, config_to_yaml, load_config  # noqa: E402
 
 PROFILE_DIR = CONF_DIR / "profile"
 CSV_COLUMNS = ("method", "finetune", "n_labeled", "dice_mean", "dice_std")
@@ -130,7 +130,7 @@ def method_config(method: Method, profile: str, out: Path, overrides: Sequence[s
 
 
 def expected_cells(cfg: DictConfig) -> list[str]:
-    return [f"{t}/{n}" for t in ("local", "federated") if t in cfg.finetune.tasks for n in cfg.finetune.n_labeled]
+    return [f"{t}/{n}" for t in FINETUNE_TASKS if t in cfg.finetune.tasks for n in cfg.finetune.n_labeled]
 
 
 def finished(cfg: DictConfig) -> bool:
@@ -239,9 +239,8 @@ def stored_cells(out: Path, name: str) -> list[dict[str, Any]]:
     path = out / name / "finetune" / "results.json"
     if not path.is_file():
         return []
-    tasks = ("local", "federated")
-    cells = (c for c in json.loads(path.read_text())["cells"].values() if c["finetune"] in tasks)
-    return sorted(cells, key=lambda c: (tasks.index(c["finetune"]), c["n_labeled"]))
+    cells = (c for c in json.loads(path.read_text())["cells"].values() if c["finetune"] in FINETUNE_TASKS)
+    return sorted(cells, key=lambda c: (FINETUNE_TASKS.index(c["finetune"]), c["n_labeled"]))
 
 
 def load_rows(out: Path, methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -443,7 +442,7 @@ def plot_dice_vs_n(rows: Sequence[dict[str, Any]], methods: Sequence[str], png: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [task for task in ("local", "federated") if any(r["finetune"] == task for r in rows)] or ["local"]
+    tasks = [task for task in FINETUNE_TASKS if any(r["finetune"] == task for r in rows)] or ["local"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, task in zip(axes, tasks):
@@ -525,7 +524,7 @@ def plot_overlays(out: Path, methods: Sequence[str], png: Path, task: str = "loc
 
 def generated_section(rows, methods, profile: str, command: str, cfg_text: str, timings: dict[str, float],
                       docs: Path, collect_only: bool = False, out: Path | None = None) -> str:
-    expected = {(m, t) for m in methods for t in ("local", "federated")}
+    expected = {(m, t) for m in methods for t in FINETUNE_TASKS}
     complete = bool(rows) and all(r["complete"] for r in rows) and expected <= {(r["method"], r["finetune"]) for r in rows}
     lines = [
         BEGIN,
