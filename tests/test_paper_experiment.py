@@ -233,8 +233,9 @@ def test_quick_profile_one_method_through_the_flower_simulation_engine(tmp_path,
 
 @pytest.mark.parametrize("tasks, panels", [(("local",), 1), (("local", "federated"), 2), ((), 1)])
 def test_dice_plot_has_one_panel_per_finetune_task_and_a_legend(tmp_path, tasks, panels):
-    """A local-only run gets one panel, not an empty federated one, and its legend names the methods; a run with no
-    finished cell yet (``--collect-only`` early, or every method failed) still gets its (empty) plot."""
+    """A local-only run gets one panel, not an empty federated one, and the legend is asked of a panel with lines (no
+    matplotlib warning); a run with no finished cell yet (``--collect-only`` early, or every method failed) still gets
+    its (empty) plot."""
     import matplotlib.image
     import warnings
 
