@@ -45,7 +45,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.server import evaluate_clients, fit_clients
 from omegaconf import DictConfig
 
-from fcl_flower.config import config_to_yaml
+from fcl_flower.config import FINETUNE_TASKS, config_to_yaml
 from fcl_flower.environment import ENVIRONMENT, EnvironmentRecord, environment_record, merge_records
 from fcl_flower.finetune import (
     average_weights, config_fingerprint, initial_unet_weights, metric_keys, replace_encoder,
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
-TASKS = ("local", "federated")
 
 
 def cell_key(task: str, n_labeled: int) -> str:
@@ -141,7 +140,7 @@ class ResultsStore:
         return cell
 
     def write(self) -> None:
-        order = {t: i for i, t in enumerate(TASKS)}
+        order = {t: i for i, t in enumerate(FINETUNE_TASKS)}
         cells = dict(sorted(self.cells.items(), key=lambda kv: (order.get(kv[1]["finetune"], 9), kv[1]["n_labeled"])))
         payload = {
             "method": self.cfg.method, "init": self.cfg.finetune.init, "config_key": self.config_key,
@@ -293,8 +292,8 @@ class FinetuneStage:
     # -- the cells ---------------------------------------------------------------------
     def run(self) -> int:
         ft = self.cfg.finetune
-        todo = [(t, n) for t in TASKS if t in ft.tasks for n in ft.n_labeled if not self.store.done(t, n)]
-        done = [(t, n) for t in TASKS if t in ft.tasks for n in ft.n_labeled if self.store.done(t, n)]
+        todo = [(t, n) for t in FINETUNE_TASKS if t in ft.tasks for n in ft.n_labeled if not self.store.done(t, n)]
+        done = [(t, n) for t in FINETUNE_TASKS if t in ft.tasks for n in ft.n_labeled if self.store.done(t, n)]
         if done:
             self.server.recorder.echo(
                 f"[fcl] finetune: {len(done)} cells already in {self.store.json_path} (resume), "
