@@ -65,6 +65,11 @@ def cell_key(task: str, n_labeled: int) -> str:
     return f"{task}/{n_labeled}"
 
 
+def requested_cells(finetune: DictConfig) -> list[tuple[str, int]]:
+    """The (task, N) cells a run's ``finetune`` config asks for: local before federated, N as listed."""
+    return [(t, n) for t in FINETUNE_TASKS if t in finetune.tasks for n in finetune.n_labeled]
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -291,9 +296,9 @@ class FinetuneStage:
 
     # -- the cells ---------------------------------------------------------------------
     def run(self) -> int:
-        ft = self.cfg.finetune
-        todo = [(t, n) for t in FINETUNE_TASKS if t in ft.tasks for n in ft.n_labeled if not self.store.done(t, n)]
-        done = [(t, n) for t in FINETUNE_TASKS if t in ft.tasks for n in ft.n_labeled if self.store.done(t, n)]
+        cells = requested_cells(self.cfg.finetune)
+        todo = [(t, n) for t, n in cells if not self.store.done(t, n)]
+        done = [(t, n) for t, n in cells if self.store.done(t, n)]
         if done:
             self.server.recorder.echo(
                 f"[fcl] finetune: {len(done)} cells already in {self.store.json_path} (resume), "

@@ -130,7 +130,9 @@ def method_config(method: Method, profile: str, out: Path, overrides: Sequence[s
 
 
 def expected_cells(cfg: DictConfig) -> list[str]:
-    return [f"{t}/{n}" for t in FINETUNE_TASKS if t in cfg.finetune.tasks for n in cfg.finetune.n_labeled]
+    from fcl_flower.finetune_stage import cell_key, requested_cells
+
+    return [cell_key(t, n) for t, n in requested_cells(cfg.finetune)]
 
 
 def finished(cfg: DictConfig) -> bool:
