@@ -26,13 +26,13 @@ def isolated(tmp_path):
 
 
 def _fake_results(cfg, complete: bool = True, key: str | None = None, stale: tuple[str, ...] = ()) -> None:
-    """A ``results.json`` with every cell of ``cfg``; cells named in ``stale`` carry another config's key."""
+    """A ``results.json`` with the cells ``cfg`` asks for; cells named in ``stale`` carry another config's key."""
     key = key or config_fingerprint(cfg)
     cells = {
         f"{t}/{n}": {"method": cfg.method, "finetune": t, "n_labeled": n, "complete": complete,
                      "config_key": "another-config" if f"{t}/{n}" in stale else key,
                      "dice_mean": 0.5, "dice_std": 0.1, "sites": {}}
-        for t in ("local", "federated") for n in cfg.finetune.n_labeled
+        for t in cfg.finetune.tasks for n in cfg.finetune.n_labeled
     }
     path = Path(cfg.output_dir) / "finetune" / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,20 @@ def test_resume_skips_finished_methods_and_only_those(tmp_path, isolated, monkey
                     "--methods", "fcl,fcl_no_fe", "--collect-only", *isolated]) == 1
     assert started == [] and "fcl," in (docs / "results.csv").read_text()
     assert "--collect-only" in (docs / "RESULTS.md").read_text() and "some cells are missing" in (docs / "RESULTS.md").read_text()
+
+
+def test_a_run_of_only_the_requested_tasks_is_reported_complete(tmp_path, isolated, monkeypatch) -> None:
+    """A local-only run that finished every cell it asked for is complete; a method left unfinished is not."""
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    monkeypatch.setitem(pe.ENGINES, "inprocess", lambda cfg: _fake_results(cfg) or 0)
+    local_only = ["--profile", "quick", "--engine", "inprocess", "--out", str(out), "--docs", str(docs),
+                  "finetune.tasks=[local]", *isolated]
+    assert pe.main([*local_only, "--methods", "random,fcl"]) == 0
+    assert "federated/" not in (out / "fcl" / "finetune" / "results.json").read_text()
+    text = (docs / "RESULTS.md").read_text()
+    assert "profile **quick**._" in text and "missing or incomplete" not in text
+    assert pe.main([*local_only, "--methods", "random,fcl,fedsimclr", "--collect-only"]) == 1
+    assert "some cells are missing or incomplete" in (docs / "RESULTS.md").read_text()
 
 
 def _check_outputs(docs: Path, methods: list[str], budgets: list[int]) -> list[dict[str, str]]:
