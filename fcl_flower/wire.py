@@ -79,6 +79,17 @@ def _check_bank(features: np.ndarray, partitions: np.ndarray) -> None:
         )
 
 
+def _encode_bank(features: np.ndarray, partitions: np.ndarray) -> tuple[bytes, bytes]:
+    """``features`` (N, d) as sent and ``partitions`` (N,) as int64, each as npy bytes.
+
+    Raises:
+        ValueError: shapes do not match.
+    """
+    features, partitions = np.asarray(features), np.asarray(partitions)
+    _check_bank(features, partitions)
+    return encode_array(features), encode_array(partitions.astype(np.int64, copy=False))
+
+
 def bank_to_metrics(features: np.ndarray, partitions: np.ndarray) -> dict[str, bytes]:
     """The local bank as ``FitRes.metrics`` entries.
 
@@ -89,12 +100,8 @@ def bank_to_metrics(features: np.ndarray, partitions: np.ndarray) -> dict[str, b
     Raises:
         ValueError: shapes do not match.
     """
-    features, partitions = np.asarray(features), np.asarray(partitions)
-    _check_bank(features, partitions)
-    return {
-        BANK_FEATURES: encode_array(features),
-        BANK_PARTITIONS: encode_array(partitions.astype(np.int64, copy=False)),
-    }
+    encoded_features, encoded_partitions = _encode_bank(features, partitions)
+    return {BANK_FEATURES: encoded_features, BANK_PARTITIONS: encoded_partitions}
 
 
 def bank_from_metrics(metrics: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -130,13 +137,12 @@ def remote_bank_to_config(
     Raises:
         ValueError: shapes do not match.
     """
-    features, partitions = np.asarray(features), np.asarray(partitions)
-    _check_bank(features, partitions)
+    encoded_features, encoded_partitions = _encode_bank(features, partitions)
     return {
-        REMOTE_FEATURES: encode_array(features),
-        REMOTE_PARTITIONS: encode_array(partitions.astype(np.int64, copy=False)),
+        REMOTE_FEATURES: encoded_features,
+        REMOTE_PARTITIONS: encoded_partitions,
         REMOTE_SITES: int(n_sites),
-        REMOTE_ROWS: int(len(features)),
+        REMOTE_ROWS: len(features),
     }
 
 
