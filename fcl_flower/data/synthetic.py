@@ -312,17 +312,31 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     surroundings; only the heart changes between frames. The random stream is consumed
     identically for every phase.
     """
-    f32 = np.float32
     scale = min(1.0, n * site.spacing_xy / REFERENCE_FOV_MM)
-    coords = ((np.arange(n) - (n - 1) / 2.0) * site.spacing_xy / scale).astype(f32)  # anatomy mm
+    coords = ((np.arange(n) - (n - 1) / 2.0) * site.spacing_xy / scale).astype(np.float32)  # anatomy mm
+    coverage = (pat.slices - 1 - pat.above_base) * site.slice_spacing  # base to apex slice
+    tissue = np.zeros((len(depths), n, n), dtype=np.int8)
+    inner = _paint_surroundings(tissue, coords, depths, coverage, pat, rng, sub)
+    _paint_heart(tissue, inner, coords, depths, coverage, pat, phase, rng)
+    return tissue
+
+
+def _paint_surroundings(tissue: np.ndarray, coords: np.ndarray, depths: np.ndarray, coverage: float,
+                        pat: PatientParams, rng: np.random.Generator, sub: int) -> np.ndarray:
+    """Paint the chest around the heart into ``tissue`` (L, n, n), once per slice of ``sub`` depths.
+
+    Body, subcutaneous fat, chest-wall muscle and ribs; lungs with vessels; descending aorta
+    and vertebra; liver and stomach rising towards the apex. ``coords`` (n,) are the pixel
+    centres in anatomy mm, ``coverage`` the base-to-apex distance in mm.
+
+    Returns:
+        ``(1, n, n)`` bool: inside the chest-wall muscle.
+    """
     L = len(depths)
     Y = coords[None, :, None]
     X = coords[None, None, :]
-    d = depths[:, None, None].astype(np.float64)
-    coverage = (pat.slices - 1 - pat.above_base) * site.slice_spacing  # base to apex slice
     d_slice = depths.reshape(-1, sub).mean(axis=1)[:, None, None]
     frac = np.clip(d_slice / max(coverage, 1e-6), 0.0, 1.1)  # 0 base (and above) .. 1 apex slice
-    tissue = np.zeros((L, n, n), dtype=np.int8)
 
     def paint(mask, value):
         if sub > 1 and mask.shape[0] == L // sub and L > sub:  # per-slice mask: repeat to sub-slices
@@ -363,7 +377,7 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
                       side * rng.uniform(0.0, 0.3), angle=True)
         rl = rl - zl.wobble(_harmonics(rng, (2, 3, 4), 0.04))
         paint((rl < 1.0) & inner, LUNG)
-        vessels = np.zeros((1, n, n), dtype=bool)
+        vessels = np.zeros((1, len(coords), len(coords)), dtype=bool)
         for _ in range(10):
             r = rng.uniform(1.2, 3.0)
             vessels |= _rho(X, Y, lx + rng.uniform(-35, 35), ly + rng.uniform(-50, 50), r, r, 0.0) < 1.0
@@ -389,6 +403,23 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     rst = _rho(X, Y, hx + rng.uniform(35, 50), hy + rng.uniform(50, 65),
                rng.uniform(30, 40) * s_st, rng.uniform(22, 30) * s_st, rng.uniform(-0.5, 0.5))
     paint((rst < 1.0) & inner, STOMACH)
+    return inner
+
+
+def _paint_heart(tissue: np.ndarray, inner: np.ndarray, coords: np.ndarray, depths: np.ndarray, coverage: float,
+                 pat: PatientParams, phase: float, rng: np.random.Generator) -> None:
+    """Paint the heart at contraction ``phase`` into ``tissue`` (L, n, n), at every depth.
+
+    Left ventricle (myocardium, cavity, papillary muscles, infarct thinning), right ventricle,
+    mediastinum and patchy epicardial fat; above the base the atria and aortic root. Only
+    pixels inside the heart's bounding box change; ``inner`` (1, n, n) bool, inside the
+    chest-wall muscle, bounds what the heart's surroundings (mediastinum, fat, atria) reach.
+    """
+    f32 = np.float32
+    Y = coords[None, :, None]
+    X = coords[None, None, :]
+    d = depths[:, None, None].astype(np.float64)
+    hx, hy = pat.heart_x, pat.heart_y
 
     # --- heart geometry (scalars and per-layer radii/centres)
     c = float(phase)
@@ -453,7 +484,7 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
     x0, x1 = np.searchsorted(coords, lo_x), np.searchsorted(coords, hi_x, side="right")
     y0, y1 = np.searchsorted(coords, lo_y), np.searchsorted(coords, hi_y, side="right")
     if x1 <= x0 or y1 <= y0:
-        return tissue
+        return
     X, Y = X[:, :, x0:x1], Y[:, y0:y1, :]
     inner = inner[:, y0:y1, x0:x1]
     box = tissue[:, y0:y1, x0:x1]  # a view: painting it paints the tissue map
@@ -515,7 +546,6 @@ def _render(pat: PatientParams, site: SiteParams, phase: float, n: int, depths: 
         px, py = cx + 0.6 * r_endo * np.cos(pa), cy + 0.6 * r_endo * np.sin(pa)
         present = (t > 0.2) & (t < 0.75) & (r_endo > 3 * pr)
         paint((_rho(X, Y, px, py, pr, pr, 0.0) < 1.0) & cav & present, PAPILLARY)
-    return tissue
 
 
 def _labels_from_tissue(tissue: np.ndarray) -> np.ndarray:
