@@ -737,6 +737,162 @@ def _mb(x: float) -> str:
 BEGIN, END = "<!-- benchmark.py: generated from here -->", "<!-- benchmark.py: generated up to here -->"
 
 
+def _trainer_md(t: dict[str, Any]) -> list[str]:
+    """Section 1 of BENCHMARKS.md from the ``trainer`` results."""
+    c = t["config"]
+    return [
+        "## 1. Trainer throughput",
+        "",
+        f"`pretrain_round` (the whole call: model build, state load and save included) against a minimal "
+        f"plain-PyTorch MoCo loop ({c['volumes']} volumes x {c['depth']} slices of {c['image_size'][0]}x"
+        f"{c['image_size'][1]}, batches of {c['batch_slices']} slices, {c['optimizer']}, a {c['bank_rows']}-row "
+        f"bank, {c['threads']} thread; median of {c['repeats']} alternating repeats; `simulations/bench_trainer.py`).",
+        "",
+        "| | slices/s (CPU time) | slices/s (wall) |",
+        "|---|---|---|",
+        f"| `pretrain_round` | {t['slices_per_s']['trainer_cpu']:.1f} | {t['slices_per_s']['trainer']:.1f} |",
+        f"| plain loop | {t['slices_per_s']['plain_cpu']:.1f} | {t['slices_per_s']['plain']:.1f} |",
+        f"| sampling + augmentation alone | | {t['slices_per_s']['sampler']:.0f} |",
+        f"| **plain / trainer** | **{t['ratio_cpu']:.3f}** | {t['ratio_wall']:.3f} |",
+        "",
+    ]
+
+
+def _round_md(rr: dict[str, Any]) -> list[str]:
+    """Section 2 of BENCHMARKS.md from the ``round`` results."""
+    lines = [
+        "## 2. Round time: FCL against federated MoCo",
+        "",
+        f"{rr['sites']} simulated sites, {rr['rounds']} rounds, defaults otherwise; runs in the order "
+        f"{', '.join(rr['order'])}. Wall time is the `seconds` of `rounds.jsonl` (configure, fit on every site, "
+        "aggregate, evaluate); round 1 (Ray start-up, preprocessing) is left out. CPU time is that of every "
+        "process of the federation (SuperLink, ServerApp, Ray, ClientApp actors) over the same rounds, read "
+        "from `/proc`; it hardly depends on what else the machine runs.",
+        "",
+        "| run | command | wall s per round (round 1, 2, ...) | CPU s per round (2, ...) | peak RSS GB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rs in rr["runs"].items():
+        for i, run in enumerate(rs):
+            lines.append(
+                f"| {name} #{i + 1} | `{run['command']}` | {', '.join(f'{x:.1f}' for x in run['round_seconds'])} | "
+                f"{', '.join(f'{x:.1f}' for x in run['memory']['round_cpu_seconds'])} | {run['memory']['peak_rss_gb']:.2f} |"
+            )
+    lines += [
+        "",
+        "| | FCL | federated MoCo | FCL / federated MoCo |",
+        "|---|---|---|---|",
+    ]
+    fp, mp = rr["pooled"]["fcl"], rr["pooled"]["fedmoco"]
+    lines += [
+        f"| wall s per round, mean of rounds >= 2 | {fp['mean']:.1f} | {mp['mean']:.1f} | **{rr['ratio_mean']:.3f}** |",
+        f"| wall s per round, median | {fp['median']:.1f} | {mp['median']:.1f} | {rr['ratio_median']:.3f} |",
+        f"| CPU s per round, mean | {fp['cpu_mean']:.1f} | {mp['cpu_mean']:.1f} | {rr['ratio_cpu']:.3f} |",
+        f"| training s per site (`seconds` metric), mean | {fp['train_seconds_per_site']:.2f} | "
+        f"{mp['train_seconds_per_site']:.2f} | {fp['train_seconds_per_site'] / mp['train_seconds_per_site']:.3f} |",
+        "",
+    ]
+    return lines
+
+
+def _bytes_md(b: dict[str, Any], round_sites: Any) -> list[str]:
+    """Section 3 of BENCHMARKS.md from the ``bytes`` results; ``round_sites``: the sites of section 2's runs."""
+    lines = [
+        "## 3. Bytes per site and round",
+        "",
+        f"The real `FeatureExchange` strategy in process (`configure_fit` / `aggregate_fit`, real `ClientProxy` "
+        f"subclasses), banks of {b['bank_rows']} x {b['proj_dim']} float32 unit rows (a full `pretrain.queue_size` "
+        "queue, as clients send it), the default model's weights; round 2's accounting (`last_round_report`). "
+        "Sizes are the `.npy` payloads as they sit in the Flower messages (the wire adds a small framing).",
+        "",
+        "| relay | sites | weights down MB | bank down MB | remote rows | weights up MB | bank up MB | bank down / weights down |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in b["variants"].values():
+        label = "all-to-all (`" + " ".join(v["overrides"]) + "`)" if v["overrides"] else "defaults"
+        for n, ps in v["by_sites"].items():
+            lines.append(
+                f"| {label} | {n} | {_mb(ps['down_weights_bytes'])} | {_mb(ps['down_bank_bytes'])} | "
+                f"{ps['remote_rows']:.0f} | {_mb(ps['up_weights_bytes'])} | {_mb(ps['up_bank_bytes'])} | "
+                f"{ps['down_bank_bytes'] / ps['down_weights_bytes']:.3f} |"
+            )
+    if "cross_check" in b:
+        cc = b["cross_check"]
+        lines += [
+            "",
+            f"Cross-check: every round >= 2 of the first {round_sites}-site FCL simulation of "
+            f"section 2 replayed in process with the bank sizes the sites really sent: {cc['values_compared']} "
+            f"byte and row counts compared, **{len(cc['mismatches'])} mismatches**. (In a short simulation the "
+            "queues are not full yet, so its banks are smaller than the full-size ones above.)",
+        ]
+    lines.append("")
+    return lines
+
+
+def _scale_md(sc: dict[str, Any]) -> list[str]:
+    """Section 4 of BENCHMARKS.md from the ``scale`` results."""
+    lines = [
+        "## 4. Simulation scale",
+        "",
+        f"`fcl-flower simulate sites=N synthetic.patients_per_site={sc['patients_per_site']} rounds={sc['rounds']}` "
+        "on the built-in data; memory of every process of the run (the command, SuperLink, ServerApp, Ray, "
+        "ClientApp actors) summed from `/proc` every 0.5 s. RSS counts shared pages (libraries, Ray's object "
+        "store) once per process; PSS splits them.",
+        "",
+        "| sites | completed | seconds per round (all) | mean of rounds >= 2 | CPU s per round >= 2 | peak RSS GB | peak PSS GB | processes | site failures | largest at the RSS peak (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, e in sc["by_sites"].items():
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["peak_rss_by_process_gb"].items())[:5])
+        lines.append(
+            f"| {n} | {'yes' if e['exit_code'] == 0 else '**no**'} | {', '.join(f'{x:.1f}' for x in e['round_seconds'])} | "
+            f"{e['mean_round_seconds_after_first']:.1f} | {', '.join(f'{x:.1f}' for x in e['round_cpu_seconds'])} | "
+            f"{e['peak_rss_gb']:.2f} | {e['peak_pss_gb']:.2f} | {e['max_processes']} | {e['failures']} | {top} |"
+        )
+    if sc.get("note"):
+        lines += ["", sc["note"]]
+    lines.append("")
+    return lines
+
+
+def _deploy_md(d: dict[str, Any]) -> list[str]:
+    """Section 5 of BENCHMARKS.md from the ``deploy`` results."""
+    lines = [
+        "## 5. Deployment start-up",
+        "",
+        f"`{d['command']}`: status `{d['status']}`. Per fit message, `startup_seconds` runs from the start of the "
+        "ClientApp process (`/proc/self/stat`) to the first training step (imports, config, site and cached data, "
+        "model build, state load); `seconds` is the training loop.",
+        "",
+        "| round | site | start-up s | training s | start-up / training |",
+        "|---|---|---|---|---|",
+    ]
+    for f in d["fits"]:
+        lines.append(f"| {f['round']} | {f['site']} | {f['startup_seconds']:.2f} | {f['train_seconds']:.2f} | "
+                     f"{f['startup_seconds'] / f['train_seconds']:.2f} |")
+    lines += ["", f"Median start-up {d['median_startup_seconds']:.2f} s, median training {d['median_train_seconds']:.2f} s: "
+              f"fraction **{d['startup_fraction']:.2f}**.", ""]
+    a = d["anatomy"]
+    lines += [
+        f"Where the start-up goes: {a['repeats']} fresh processes importing what `flwr-clientapp` imports, in its "
+        "order, then calling the client's `fit` for round 1 of the first site (medians; CPU time is the stable "
+        "measure on a shared machine):",
+        "",
+        "| stage | wall s | CPU s |",
+        "|---|---|---|",
+    ]
+    for stage in a["wall"]:
+        lines.append(f"| {stage.replace('_', ' ')} | {a['wall'][stage]:.2f} | {a['cpu'][stage]:.2f} |")
+    lines += [
+        f"| in `fit` before training (config, site, cached data, model, state) | {a['fit_before_training']:.2f} | |",
+        f"| of which `pretrain_round` set-up (model build, state load) | {a['setup_seconds']:.2f} | |",
+        f"| **start-up** (the stages above; the probe's own set-up left out) | **{a['startup_seconds']:.2f}** | |",
+        f"| training (`seconds`) | {a['train_seconds']:.2f} | |",
+        "",
+    ]
+    return lines
+
+
 def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     """The generated part of BENCHMARKS.md; text outside the markers (analysis, fixes) is kept."""
     m, s, r = doc["machine"], doc["summary"], doc["results"]
@@ -787,147 +943,15 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
                      f"{'met' if len(set(s['bank_download_bytes_per_site'].values())) == 1 else '**missed**'} |")
     lines.append("")
     if "trainer" in r:
-        t = r["trainer"]
-        c = t["config"]
-        lines += [
-            "## 1. Trainer throughput",
-            "",
-            f"`pretrain_round` (the whole call: model build, state load and save included) against a minimal "
-            f"plain-PyTorch MoCo loop ({c['volumes']} volumes x {c['depth']} slices of {c['image_size'][0]}x"
-            f"{c['image_size'][1]}, batches of {c['batch_slices']} slices, {c['optimizer']}, a {c['bank_rows']}-row "
-            f"bank, {c['threads']} thread; median of {c['repeats']} alternating repeats; `simulations/bench_trainer.py`).",
-            "",
-            "| | slices/s (CPU time) | slices/s (wall) |",
-            "|---|---|---|",
-            f"| `pretrain_round` | {t['slices_per_s']['trainer_cpu']:.1f} | {t['slices_per_s']['trainer']:.1f} |",
-            f"| plain loop | {t['slices_per_s']['plain_cpu']:.1f} | {t['slices_per_s']['plain']:.1f} |",
-            f"| sampling + augmentation alone | | {t['slices_per_s']['sampler']:.0f} |",
-            f"| **plain / trainer** | **{t['ratio_cpu']:.3f}** | {t['ratio_wall']:.3f} |",
-            "",
-        ]
+        lines += _trainer_md(r["trainer"])
     if "round" in r:
-        rr = r["round"]
-        lines += [
-            "## 2. Round time: FCL against federated MoCo",
-            "",
-            f"{rr['sites']} simulated sites, {rr['rounds']} rounds, defaults otherwise; runs in the order "
-            f"{', '.join(rr['order'])}. Wall time is the `seconds` of `rounds.jsonl` (configure, fit on every site, "
-            "aggregate, evaluate); round 1 (Ray start-up, preprocessing) is left out. CPU time is that of every "
-            "process of the federation (SuperLink, ServerApp, Ray, ClientApp actors) over the same rounds, read "
-            "from `/proc`; it hardly depends on what else the machine runs.",
-            "",
-            "| run | command | wall s per round (round 1, 2, ...) | CPU s per round (2, ...) | peak RSS GB |",
-            "|---|---|---|---|---|",
-        ]
-        for name, rs in rr["runs"].items():
-            for i, run in enumerate(rs):
-                lines.append(
-                    f"| {name} #{i + 1} | `{run['command']}` | {', '.join(f'{x:.1f}' for x in run['round_seconds'])} | "
-                    f"{', '.join(f'{x:.1f}' for x in run['memory']['round_cpu_seconds'])} | {run['memory']['peak_rss_gb']:.2f} |"
-                )
-        lines += [
-            "",
-            "| | FCL | federated MoCo | FCL / federated MoCo |",
-            "|---|---|---|---|",
-        ]
-        fp, mp = rr["pooled"]["fcl"], rr["pooled"]["fedmoco"]
-        lines += [
-            f"| wall s per round, mean of rounds >= 2 | {fp['mean']:.1f} | {mp['mean']:.1f} | **{rr['ratio_mean']:.3f}** |",
-            f"| wall s per round, median | {fp['median']:.1f} | {mp['median']:.1f} | {rr['ratio_median']:.3f} |",
-            f"| CPU s per round, mean | {fp['cpu_mean']:.1f} | {mp['cpu_mean']:.1f} | {rr['ratio_cpu']:.3f} |",
-            f"| training s per site (`seconds` metric), mean | {fp['train_seconds_per_site']:.2f} | "
-            f"{mp['train_seconds_per_site']:.2f} | {fp['train_seconds_per_site'] / mp['train_seconds_per_site']:.3f} |",
-            "",
-        ]
+        lines += _round_md(r["round"])
     if "bytes" in r:
-        b = r["bytes"]
-        lines += [
-            "## 3. Bytes per site and round",
-            "",
-            f"The real `FeatureExchange` strategy in process (`configure_fit` / `aggregate_fit`, real `ClientProxy` "
-            f"subclasses), banks of {b['bank_rows']} x {b['proj_dim']} float32 unit rows (a full `pretrain.queue_size` "
-            "queue, as clients send it), the default model's weights; round 2's accounting (`last_round_report`). "
-            "Sizes are the `.npy` payloads as they sit in the Flower messages (the wire adds a small framing).",
-            "",
-            "| relay | sites | weights down MB | bank down MB | remote rows | weights up MB | bank up MB | bank down / weights down |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for variant, v in b["variants"].items():
-            label = "all-to-all (`" + " ".join(v["overrides"]) + "`)" if v["overrides"] else "defaults"
-            for n, ps in v["by_sites"].items():
-                lines.append(
-                    f"| {label} | {n} | {_mb(ps['down_weights_bytes'])} | {_mb(ps['down_bank_bytes'])} | "
-                    f"{ps['remote_rows']:.0f} | {_mb(ps['up_weights_bytes'])} | {_mb(ps['up_bank_bytes'])} | "
-                    f"{ps['down_bank_bytes'] / ps['down_weights_bytes']:.3f} |"
-                )
-        if "cross_check" in b:
-            cc = b["cross_check"]
-            lines += [
-                "",
-                f"Cross-check: every round >= 2 of the first {r.get('round', {}).get('sites', '?')}-site FCL simulation of "
-                f"section 2 replayed in process with the bank sizes the sites really sent: {cc['values_compared']} "
-                f"byte and row counts compared, **{len(cc['mismatches'])} mismatches**. (In a short simulation the "
-                "queues are not full yet, so its banks are smaller than the full-size ones above.)",
-            ]
-        lines.append("")
+        lines += _bytes_md(r["bytes"], r.get("round", {}).get("sites", "?"))
     if "scale" in r and r["scale"]["by_sites"]:
-        sc = r["scale"]
-        lines += [
-            "## 4. Simulation scale",
-            "",
-            f"`fcl-flower simulate sites=N synthetic.patients_per_site={sc['patients_per_site']} rounds={sc['rounds']}` "
-            "on the built-in data; memory of every process of the run (the command, SuperLink, ServerApp, Ray, "
-            "ClientApp actors) summed from `/proc` every 0.5 s. RSS counts shared pages (libraries, Ray's object "
-            "store) once per process; PSS splits them.",
-            "",
-            "| sites | completed | seconds per round (all) | mean of rounds >= 2 | CPU s per round >= 2 | peak RSS GB | peak PSS GB | processes | site failures | largest at the RSS peak (GB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for n, e in sc["by_sites"].items():
-            top = ", ".join(f"{k} {v:.2f}" for k, v in list(e["peak_rss_by_process_gb"].items())[:5])
-            lines.append(
-                f"| {n} | {'yes' if e['exit_code'] == 0 else '**no**'} | {', '.join(f'{x:.1f}' for x in e['round_seconds'])} | "
-                f"{e['mean_round_seconds_after_first']:.1f} | {', '.join(f'{x:.1f}' for x in e['round_cpu_seconds'])} | "
-                f"{e['peak_rss_gb']:.2f} | {e['peak_pss_gb']:.2f} | {e['max_processes']} | {e['failures']} | {top} |"
-            )
-        if sc.get("note"):
-            lines += ["", sc["note"]]
-        lines.append("")
+        lines += _scale_md(r["scale"])
     if "deploy" in r:
-        d = r["deploy"]
-        lines += [
-            "## 5. Deployment start-up",
-            "",
-            f"`{d['command']}`: status `{d['status']}`. Per fit message, `startup_seconds` runs from the start of the "
-            "ClientApp process (`/proc/self/stat`) to the first training step (imports, config, site and cached data, "
-            "model build, state load); `seconds` is the training loop.",
-            "",
-            "| round | site | start-up s | training s | start-up / training |",
-            "|---|---|---|---|---|",
-        ]
-        for f in d["fits"]:
-            lines.append(f"| {f['round']} | {f['site']} | {f['startup_seconds']:.2f} | {f['train_seconds']:.2f} | "
-                         f"{f['startup_seconds'] / f['train_seconds']:.2f} |")
-        lines += ["", f"Median start-up {d['median_startup_seconds']:.2f} s, median training {d['median_train_seconds']:.2f} s: "
-                  f"fraction **{d['startup_fraction']:.2f}**.", ""]
-        a = d["anatomy"]
-        lines += [
-            f"Where the start-up goes: {a['repeats']} fresh processes importing what `flwr-clientapp` imports, in its "
-            "order, then calling the client's `fit` for round 1 of the first site (medians; CPU time is the stable "
-            "measure on a shared machine):",
-            "",
-            "| stage | wall s | CPU s |",
-            "|---|---|---|",
-        ]
-        for stage in a["wall"]:
-            lines.append(f"| {stage.replace('_', ' ')} | {a['wall'][stage]:.2f} | {a['cpu'][stage]:.2f} |")
-        lines += [
-            f"| in `fit` before training (config, site, cached data, model, state) | {a['fit_before_training']:.2f} | |",
-            f"| of which `pretrain_round` set-up (model build, state load) | {a['setup_seconds']:.2f} | |",
-            f"| **start-up** (the stages above; the probe's own set-up left out) | **{a['startup_seconds']:.2f}** | |",
-            f"| training (`seconds`) | {a['train_seconds']:.2f} | |",
-            "",
-        ]
+        lines += _deploy_md(r["deploy"])
     for name, error in doc.get("errors", {}).items():
         lines += [f"## Section `{name}` failed", "", "```", error.strip()[-3000:], "```", ""]
     generated = "\n".join([BEGIN, *lines[1:], END])
