@@ -415,7 +415,6 @@ def _paint_heart(tissue: np.ndarray, inner: np.ndarray, coords: np.ndarray, dept
     pixels inside the heart's bounding box change; ``inner`` (1, n, n) bool, inside the
     chest-wall muscle, bounds what the heart's surroundings (mediastinum, fat, atria) reach.
     """
-    f32 = np.float32
     Y = coords[None, :, None]
     X = coords[None, None, :]
     d = depths[:, None, None].astype(np.float64)
@@ -497,7 +496,7 @@ def _paint_heart(tissue: np.ndarray, inner: np.ndarray, coords: np.ndarray, dept
     rho_endo = _rho(X, Y, cx, cy, r_endo, r_endo * e, th)
     epi_w = z.wobble(epi_h)
     rho_epi -= epi_w
-    rho_endo -= z.wobble(endo_h) * np.clip(t, 0.2, 1.0).astype(f32)
+    rho_endo -= z.wobble(endo_h) * np.clip(t, 0.2, 1.0).astype(np.float32)
     if pat.group == "MINF":  # thinned infarct sector
         rho_epi += np.float32(0.55 * wall0 / max(r_epi0, 1.0)) * np.clip(z.cos_to(phi_inf), 0, 1) ** 3
     epi = (rho_epi < 1.0) & below
