@@ -23,7 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     import time
 
-    from fcl_flower.data.synthetic import generate_dataset
+    from fcl_flower.data.synthetic import PatientVariation, generate_dataset
 
     cfg = load_config(args.overrides, args.config_file)
     sites = args.sites if args.sites is not None else cfg.sites
@@ -38,7 +38,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         image_size=cfg.synthetic.image_size,
         spacing=cfg.synthetic.spacing,
         cine=args.cine or bool(cfg.data.use_4d_frames),
-        patient_variation=float(cfg.synthetic.patient_variation),
+        variation=PatientVariation.of(cfg.synthetic),
     )
     print(f"wrote {sites} sites x {patients} patients to {args.out} in "
           f"{time.perf_counter() - start:.1f} s (manifest: {manifest})")

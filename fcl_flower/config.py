@@ -61,6 +61,7 @@ class SyntheticSchema:
     image_size: int = MISSING
     spacing: float = MISSING
     patient_variation: float = MISSING
+    anatomy_variation: float = MISSING
     cache_root: Optional[str] = MISSING
 
 
@@ -276,11 +277,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("config key 'pretrain.ema_momentum': must be in [0, 1)")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError("config key 'data.holdout_fraction': must be in [0, 1)")
-    from fcl_flower.data.synthetic import MAX_PATIENT_VARIATION
+    from fcl_flower.data.synthetic import PatientVariation
 
-    if not 0.0 <= cfg.synthetic.patient_variation <= MAX_PATIENT_VARIATION:
-        raise ConfigError(f"config key 'synthetic.patient_variation': must be in [0, {MAX_PATIENT_VARIATION:g}], "
-                          f"got {cfg.synthetic.patient_variation}")
+    problem = PatientVariation.of(cfg.synthetic).problem()
+    if problem:
+        raise ConfigError(f"config key {problem}")
     _validate_finetune(cfg)
     if cfg.federation.min_fit_sites > cfg.sites or cfg.federation.min_available_sites > cfg.sites:
         raise ConfigError(

@@ -41,6 +41,7 @@ def test_dotlist_overrides_reach_nested_keys():
         ("data.image_size=[64]", "data.image_size"),
         ("finetune.federated_norm=site", "finetune.federated_norm"),
         ("synthetic.patient_variation=-1", "synthetic.patient_variation"),
+        ("synthetic.anatomy_variation=3", "synthetic.anatomy_variation"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):

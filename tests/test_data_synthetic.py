@@ -8,7 +8,7 @@ import pytest
 
 from fcl_flower.data.errors import DataError
 from fcl_flower.data.datasets import discover_site
-from fcl_flower.data.synthetic import contraction, ensure_builtin_dataset, generate_dataset
+from fcl_flower.data.synthetic import PatientVariation, contraction, ensure_builtin_dataset, generate_dataset
 
 
 def _frames(root, site, patient):
@@ -149,12 +149,43 @@ def test_patient_variation_scales_contrast_between_patients_not_anatomy(tmp_path
     looks = {}
     for variation in (0.0, 3.0):
         root = tmp_path / f"v{variation:g}"
-        generate_dataset(root, sites=1, patients_per_site=5, seed=0, image_size=48, patient_variation=variation)
+        generate_dataset(root, sites=1, patients_per_site=5, seed=0, image_size=48,
+                         variation=PatientVariation(look=variation))
         assert json.loads((root / "manifest.json").read_text())["params"]["patient_variation"] == variation
         looks[variation] = blood_to_myocardium(root)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(looks[0.0], looks[3.0]))  # same anatomy
     spread = {v: np.std([ratio for ratio, _ in rows]) for v, rows in looks.items()}
     assert spread[3.0] > 1.5 * spread[0.0]  # the patients of one site differ more in contrast
+
+
+def test_anatomy_variation_scales_heart_size_between_patients_not_scanner_or_position(tmp_path):
+    def hearts(root):
+        """Per ED frame of site_00: (LV cavity + myocardium area at the mid slice in mm^2, label centroid in mm)."""
+        manifest = json.loads((root / "manifest.json").read_text())
+        out = []
+        for pid in manifest["patients"]["site_00"]:
+            _, label, img, _ = _frames(root, "site_00", pid)[0]
+            mid = label[label.shape[0] // 2]
+            area = np.count_nonzero(mid >= 2) * float(np.prod(img.header.get_zooms()[:2]))
+            out.append((area, np.argwhere(label > 0)[:, 1:].mean(0) * img.header.get_zooms()[0]))
+        return manifest, out
+
+    found = {}
+    for anatomy in (0.0, 2.0):
+        root = tmp_path / f"a{anatomy:g}"
+        generate_dataset(root, sites=1, patients_per_site=8, seed=0, image_size=48,
+                         variation=PatientVariation(anatomy=anatomy))
+        found[anatomy] = hearts(root)
+    (flat_manifest, flat), (wide_manifest, wide) = found[0.0], found[2.0]
+    assert wide_manifest["params"]["anatomy_variation"] == 2.0
+    assert flat_manifest["site_params"] == wide_manifest["site_params"]  # the same scanner
+    # at 0 a patient's heart size is the middle of its ACDC group's range, at 2 the spread
+    # within each group is twice the generator's
+    flat_areas, wide_areas = np.array([a for a, _ in flat]), np.array([a for a, _ in wide])
+    assert np.std(np.log(wide_areas)) > 3.0 * np.std(np.log(flat_areas))
+    # the heart's position is not part of the knob: the label centroids move with the size
+    # change only (scaled as well, from 0 to 2 x +-22 mm, they would move by ~20 mm on average)
+    assert np.mean([np.linalg.norm(a[1] - b[1]) for a, b in zip(flat, wide)]) < 8.0
 
 
 def test_refuses_non_empty_folder_and_bad_args(tmp_path):
@@ -165,8 +196,11 @@ def test_refuses_non_empty_folder_and_bad_args(tmp_path):
     assert err.value.path == tmp_path / "x" and "not empty" in str(err.value)
     with pytest.raises(DataError):
         generate_dataset(tmp_path / "y", sites=0, patients_per_site=1, seed=0)
-    with pytest.raises(DataError, match="patient_variation"):
-        generate_dataset(tmp_path / "z", sites=1, patients_per_site=1, seed=0, patient_variation=7.0)
+    with pytest.raises(DataError, match="synthetic.patient_variation"):
+        generate_dataset(tmp_path / "z", sites=1, patients_per_site=1, seed=0, variation=PatientVariation(look=7.0))
+    with pytest.raises(DataError, match="synthetic.anatomy_variation"):
+        generate_dataset(tmp_path / "z", sites=1, patients_per_site=1, seed=0, variation=PatientVariation(anatomy=2.5))
+    assert not (tmp_path / "z").exists()
 
 
 def test_builtin_dataset_generated_once(tmp_path):
@@ -176,8 +210,10 @@ def test_builtin_dataset_generated_once(tmp_path):
     assert first == second and (second / "manifest.json").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary folders left
     varied = ensure_builtin_dataset(tmp_path, sites=1, patients_per_site=1, seed=0, image_size=32, spacing=1.5,
-                                    patient_variation=2.0)
-    assert varied != first and json.loads((varied / "manifest.json").read_text())["params"]["patient_variation"] == 2.0
+                                    variation=PatientVariation(look=2.0, anatomy=0.5))
+    params = json.loads((varied / "manifest.json").read_text())["params"]
+    assert varied.name == first.name + "_pv2_av0.5"
+    assert (params["patient_variation"], params["anatomy_variation"]) == (2.0, 0.5)
 
 
 def test_contraction_cycle():

@@ -301,7 +301,7 @@ def dataset_root(cfg) -> Path:
     if cfg.data.root is not None:
         return Path(str(cfg.data.root)).expanduser()
     from fcl_flower.config import ConfigError
-    from fcl_flower.data.synthetic import ensure_builtin_dataset
+    from fcl_flower.data.synthetic import PatientVariation, ensure_builtin_dataset
 
     if cfg.data.format != "synthetic":
         raise ConfigError(
@@ -313,7 +313,7 @@ def dataset_root(cfg) -> Path:
         Path(str(cache_root)).expanduser(), sites=cfg.sites,
         patients_per_site=cfg.synthetic.patients_per_site, seed=cfg.seed,
         image_size=cfg.synthetic.image_size, spacing=cfg.synthetic.spacing,
-        cine=bool(cfg.data.use_4d_frames), patient_variation=float(cfg.synthetic.patient_variation),
+        cine=bool(cfg.data.use_4d_frames), variation=PatientVariation.of(cfg.synthetic),
     )
 
 

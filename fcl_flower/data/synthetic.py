@@ -12,8 +12,8 @@ Real ACDC cannot be shipped, so this generator produces data that behaves like i
   and stomach rising towards the apex, descending aorta and a vertebra.
 * Patients vary by ACDC group (NOR, MINF, DCM, HCM, RV: cavity size, wall thickness,
   ejection fraction, RV size), heart position, in-plane rotation, shape and body size,
-  and within a site by their own tissue contrast and coil shading (``patient_variation``
-  scales how much). Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
+  and within a site by their own tissue contrast and coil shading (``PatientVariation``
+  scales how much patients differ in heart anatomy and in contrast). Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
   optionally (``cine``), the whole unlabeled cardiac cycle as a 4D file: the heart
   contracts smoothly from ED to ES and relaxes back.
 * Sites (scanners) vary the tissue-to-intensity mapping (per-tissue gains and a gamma),
@@ -48,6 +48,7 @@ LABELS = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
 REFERENCE_FOV_MM = 160.0  # smaller fields of view scale the anatomy down to fit
 MAX_PATIENT_VARIATION = 6.0  # 1 - 6 x 0.15 > 0: every tissue gain of _patient_look stays positive
+MAX_ANATOMY_VARIATION = 2.0  # every wall and radius stays positive, every heart inside the 128 px field of view
 
 # tissue classes of the anatomical model
 AIR, SOFT, FAT, MUSCLE, LUNG, VESSEL, LIVER, STOMACH, AORTA, BONE, MARROW = range(11)
@@ -68,6 +69,42 @@ BASE_INTENSITY = np.array(
 # material of each tissue (air, soft, fat, muscle, lung, blood, liver, bone, stomach):
 # a site's intensity mapping scales materials, so all blood pools stay alike.
 MATERIAL = np.array([0, 1, 2, 3, 4, 5, 6, 8, 5, 7, 2, 2, 3, 5, 5, 3, 3, 5])
+
+
+@dataclass(frozen=True)
+class PatientVariation:
+    """How much the patients of one site differ from each other; 1 keeps the generator's ranges.
+
+    ``look`` scales the spread of a patient's own contrast and coil shading (``_patient_look``;
+    0 to ``MAX_PATIENT_VARIATION``), ``anatomy`` that of the heart's size, wall thickness,
+    shape and in-plane rotation (``_patient_params``; 0 to ``MAX_ANATOMY_VARIATION``). The
+    heart's position is left as drawn: scanner operators centre the heart, and a wider
+    spread would push some hearts out of the field of view.
+    Each scales how far a draw lies from the middle of its range, so the random draws, and
+    what neither touches (scanners, the chest around the heart, noise), are the same at
+    every value, and 1 reproduces the default dataset bit for bit.
+    """
+
+    look: float = 1.0
+    anatomy: float = 1.0
+
+    @classmethod
+    def of(cls, synthetic) -> "PatientVariation":
+        """From the ``synthetic`` config section (keys ``patient_variation``, ``anatomy_variation``)."""
+        return cls(look=float(synthetic.patient_variation), anatomy=float(synthetic.anatomy_variation))
+
+    def problem(self) -> str | None:
+        """Why these values cannot be generated, naming the config key; None when they can."""
+        for key, value, most in (("synthetic.patient_variation", self.look, MAX_PATIENT_VARIATION),
+                                 ("synthetic.anatomy_variation", self.anatomy, MAX_ANATOMY_VARIATION)):
+            if not 0.0 <= value <= most:
+                return f"{key} must be in [0, {most:g}], got {value}"
+        return None
+
+    def cache_suffix(self) -> str:
+        """Part of the built-in data's cache folder name: empty for the default variation."""
+        return (("" if self.look == 1.0 else f"_pv{self.look:g}")
+                + ("" if self.anatomy == 1.0 else f"_av{self.anatomy:g}"))
 
 
 @dataclass(frozen=True)
@@ -251,16 +288,24 @@ class PatientParams:
     es_base_descent: float
 
 
-def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams:
+def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float = 1.0) -> PatientParams:
+    """One patient's anatomy; ``anatomy`` scales the spread of the heart's draws (``PatientVariation``)."""
+    def heart(low: float, high: float) -> float:
+        draw = rng.uniform(low, high)
+        if anatomy == 1.0:  # the draw itself, so that the default dataset stays identical to the bit
+            return draw
+        middle = (low + high) / 2
+        return middle + anatomy * (draw - middle)
+
     group = GROUPS[int(rng.integers(len(GROUPS)))]
     r_endo, wall, es_ratio, rv_scale = {
-        "NOR": (rng.uniform(21, 26), rng.uniform(7.0, 9.0), rng.uniform(0.60, 0.70), 1.0),
-        "MINF": (rng.uniform(25, 30), rng.uniform(6.0, 8.0), rng.uniform(0.80, 0.90), 1.0),
-        "DCM": (rng.uniform(28, 33), rng.uniform(5.5, 7.5), rng.uniform(0.85, 0.93), 1.05),
-        "HCM": (rng.uniform(17, 22), rng.uniform(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
-        "RV": (rng.uniform(20, 25), rng.uniform(7.0, 9.0), rng.uniform(0.62, 0.72), rng.uniform(1.3, 1.5)),
+        "NOR": (heart(21, 26), heart(7.0, 9.0), rng.uniform(0.60, 0.70), 1.0),
+        "MINF": (heart(25, 30), heart(6.0, 8.0), rng.uniform(0.80, 0.90), 1.0),
+        "DCM": (heart(28, 33), heart(5.5, 7.5), rng.uniform(0.85, 0.93), 1.05),
+        "HCM": (heart(17, 22), heart(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
+        "RV": (heart(20, 25), heart(7.0, 9.0), rng.uniform(0.62, 0.72), heart(1.3, 1.5)),
     }[group]
-    heart_scale = rng.uniform(0.85, 1.18)  # body size: the whole heart scales
+    heart_scale = heart(0.85, 1.18)  # body size: the whole heart scales
     r_endo, wall = r_endo * heart_scale, wall * heart_scale
     rv_scale *= heart_scale
     height = rng.uniform(150, 195)
@@ -278,17 +323,17 @@ def _patient_params(rng: np.random.Generator, site: SiteParams) -> PatientParams
         above_base=above_base,
         heart_x=float(rng.uniform(-22, 22)),
         heart_y=float(rng.uniform(-18, 18)),
-        rotation=float(rng.uniform(-0.7, 0.7)),
-        ellipticity=float(rng.uniform(0.86, 1.0)),
+        rotation=float(heart(-0.7, 0.7)),
+        ellipticity=float(heart(0.86, 1.0)),
         r_endo=float(r_endo),
         wall=float(wall),
         es_ratio=float(es_ratio),
-        length_factor=float(rng.uniform(1.02, 1.1)),
-        profile_p=float(rng.uniform(1.7, 2.4)),
-        rv_a=float(rng.uniform(33, 42) * rv_scale),
-        rv_b=float(rng.uniform(17, 23) * rv_scale),
-        rv_end=float(rng.uniform(0.66, 0.84)),
-        rv_angle=float(np.pi + rng.uniform(0.15, 0.55)),  # image left, slightly anterior
+        length_factor=float(heart(1.02, 1.1)),
+        profile_p=float(heart(1.7, 2.4)),
+        rv_a=float(heart(33, 42) * rv_scale),
+        rv_b=float(heart(17, 23) * rv_scale),
+        rv_end=float(heart(0.66, 0.84)),
+        rv_angle=float(np.pi + heart(0.15, 0.55)),  # image left, slightly anterior
         es_base_descent=float(rng.uniform(0.03, 0.1)),
     )
 
@@ -680,7 +725,7 @@ def _patient_look(rng: np.random.Generator, variation: float) -> tuple[np.ndarra
 
 def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
                      image_size: int = 128, spacing: float = 1.5, cine: bool = False,
-                     patient_variation: float = 1.0) -> Path:
+                     variation: PatientVariation = PatientVariation()) -> Path:
     """Write the multi-site synthetic dataset in ACDC layout and return the manifest path.
 
     Layout: ``<out>/site_XX/patientNNN/patientNNN_frameFF.nii.gz`` (+ ``_gt``) for the
@@ -688,9 +733,9 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
     ``cine`` every patient also gets ``patientNNN_4d.nii.gz``: all ``NbFrame`` frames of
     the cardiac cycle, unlabeled, whose ED and ES frames equal the 3D files. Patient
     numbers are unique across the dataset. Arrays are identical for the same arguments
-    (the ED and ES files do not depend on ``cine``). ``patient_variation`` scales how much
-    the patients of one site differ in contrast and coil shading (see ``_patient_look``;
-    anatomy and scanner are the same draws at every value).
+    (the ED and ES files do not depend on ``cine``). ``variation`` scales how much the
+    patients of one site differ in heart anatomy and in contrast and coil shading (see
+    ``PatientVariation``; scanners are the same at every value).
 
     Raises:
         DataError: ``out`` exists and is not empty, or an argument is out of range.
@@ -701,9 +746,9 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
                              f"patients_per_site={patients_per_site}")
     if image_size < 16 or not spacing > 0:
         raise DataError(out, f"image_size must be >= 16 and spacing > 0, got {image_size}, {spacing}")
-    if not 0.0 <= patient_variation <= MAX_PATIENT_VARIATION:
-        raise DataError(out, f"patient_variation must be in [0, {MAX_PATIENT_VARIATION:g}] (tissue gains stay "
-                             f"positive), got {patient_variation}")
+    problem = variation.problem()
+    if problem:
+        raise DataError(out, problem)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "already exists and is not empty; choose a new folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
@@ -716,7 +761,7 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
         "seed": seed,
         "params": {"sites": sites, "patients_per_site": patients_per_site,
                    "image_size": image_size, "spacing": spacing, "cine": cine,
-                   "patient_variation": patient_variation},
+                   "patient_variation": variation.look, "anatomy_variation": variation.anatomy},
         "labels": LABELS,
         "tissues": list(TISSUES),
         "sites": [],
@@ -734,8 +779,8 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
             number = s * patients_per_site + p + 1
             pid = f"patient{number:0{width}d}"
             pat_seed = [seed, 0xCA4D, s, p]
-            pat = _patient_params(np.random.default_rng(pat_seed + [0]), site)
-            patient_gain, bias_jitter = _patient_look(np.random.default_rng(pat_seed + [3]), patient_variation)
+            pat = _patient_params(np.random.default_rng(pat_seed + [0]), site, variation.anatomy)
+            patient_gain, bias_jitter = _patient_look(np.random.default_rng(pat_seed + [3]), variation.look)
             pdir = site_dir / pid
             pdir.mkdir()
             affine = _affine(site, image_size, pat.slices)
@@ -766,7 +811,7 @@ def generate_dataset(out: Path, sites: int, patients_per_site: int, seed: int,
 
 def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int, seed: int,
                            image_size: int, spacing: float, cine: bool = False,
-                           patient_variation: float = 1.0) -> Path:
+                           variation: PatientVariation = PatientVariation()) -> Path:
     """The built-in synthetic dataset for these settings, generated once under ``cache_root``.
 
     Safe when several processes ask at once: each generates into a private temporary
@@ -775,14 +820,14 @@ def ensure_builtin_dataset(cache_root: Path, sites: int, patients_per_site: int,
     """
     cache_root = Path(cache_root).expanduser()
     key = (f"v{GENERATOR_VERSION}_sites{sites}_p{patients_per_site}_seed{seed}_n{image_size}_sp{spacing:g}"
-           + ("_cine" if cine else "") + ("" if patient_variation == 1.0 else f"_pv{patient_variation:g}"))
+           + ("_cine" if cine else "") + variation.cache_suffix())
     final = cache_root / key
     if (final / "manifest.json").is_file():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing, cine, patient_variation)
+        generate_dataset(tmp, sites, patients_per_site, seed, image_size, spacing, cine, variation)
         try:
             os.rename(tmp, final)
         except OSError:
