@@ -13,9 +13,10 @@ Real ACDC cannot be shipped, so this generator produces data that behaves like i
 * Patients vary by ACDC group (NOR, MINF, DCM, HCM, RV: cavity size, wall thickness,
   ejection fraction, RV size), heart position, in-plane rotation, shape and body size,
   and within a site by their own tissue contrast and coil shading (``PatientVariation``
-  scales how much patients differ in heart anatomy and in contrast). Each patient has labeled end-diastolic (ED) and end-systolic (ES) frames and,
-  optionally (``cine``), the whole unlabeled cardiac cycle as a 4D file: the heart
-  contracts smoothly from ED to ES and relaxes back.
+  scales how much a site's patients differ in heart anatomy and in contrast). Each
+  patient has labeled end-diastolic (ED) and end-systolic (ES) frames and, optionally
+  (``cine``), the whole unlabeled cardiac cycle as a 4D file: the heart contracts
+  smoothly from ED to ES and relaxes back.
 * Sites (scanners) vary the tissue-to-intensity mapping (per-tissue gains and a gamma),
   the stored intensity range, noise level and type (Gaussian or Rician), a smooth
   multiplicative bias field, ghosting, in-plane blur, in-plane resolution, slice
@@ -290,7 +291,7 @@ class PatientParams:
 
 def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float = 1.0) -> PatientParams:
     """One patient's anatomy; ``anatomy`` scales the spread of the heart's draws (``PatientVariation``)."""
-    def heart(low: float, high: float) -> float:
+    def heart_draw(low: float, high: float) -> float:
         draw = rng.uniform(low, high)
         if anatomy == 1.0:  # the draw itself, so that the default dataset stays identical to the bit
             return draw
@@ -299,13 +300,13 @@ def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float =
 
     group = GROUPS[int(rng.integers(len(GROUPS)))]
     r_endo, wall, es_ratio, rv_scale = {
-        "NOR": (heart(21, 26), heart(7.0, 9.0), rng.uniform(0.60, 0.70), 1.0),
-        "MINF": (heart(25, 30), heart(6.0, 8.0), rng.uniform(0.80, 0.90), 1.0),
-        "DCM": (heart(28, 33), heart(5.5, 7.5), rng.uniform(0.85, 0.93), 1.05),
-        "HCM": (heart(17, 22), heart(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
-        "RV": (heart(20, 25), heart(7.0, 9.0), rng.uniform(0.62, 0.72), heart(1.3, 1.5)),
+        "NOR": (heart_draw(21, 26), heart_draw(7.0, 9.0), rng.uniform(0.60, 0.70), 1.0),
+        "MINF": (heart_draw(25, 30), heart_draw(6.0, 8.0), rng.uniform(0.80, 0.90), 1.0),
+        "DCM": (heart_draw(28, 33), heart_draw(5.5, 7.5), rng.uniform(0.85, 0.93), 1.05),
+        "HCM": (heart_draw(17, 22), heart_draw(12.0, 16.0), rng.uniform(0.45, 0.58), 0.95),
+        "RV": (heart_draw(20, 25), heart_draw(7.0, 9.0), rng.uniform(0.62, 0.72), heart_draw(1.3, 1.5)),
     }[group]
-    heart_scale = heart(0.85, 1.18)  # body size: the whole heart scales
+    heart_scale = heart_draw(0.85, 1.18)  # body size: the whole heart scales
     r_endo, wall = r_endo * heart_scale, wall * heart_scale
     rv_scale *= heart_scale
     height = rng.uniform(150, 195)
@@ -323,17 +324,17 @@ def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float =
         above_base=above_base,
         heart_x=float(rng.uniform(-22, 22)),
         heart_y=float(rng.uniform(-18, 18)),
-        rotation=float(heart(-0.7, 0.7)),
-        ellipticity=float(heart(0.86, 1.0)),
+        rotation=float(heart_draw(-0.7, 0.7)),
+        ellipticity=float(heart_draw(0.86, 1.0)),
         r_endo=float(r_endo),
         wall=float(wall),
         es_ratio=float(es_ratio),
-        length_factor=float(heart(1.02, 1.1)),
-        profile_p=float(heart(1.7, 2.4)),
-        rv_a=float(heart(33, 42) * rv_scale),
-        rv_b=float(heart(17, 23) * rv_scale),
-        rv_end=float(heart(0.66, 0.84)),
-        rv_angle=float(np.pi + heart(0.15, 0.55)),  # image left, slightly anterior
+        length_factor=float(heart_draw(1.02, 1.1)),
+        profile_p=float(heart_draw(1.7, 2.4)),
+        rv_a=float(heart_draw(33, 42) * rv_scale),
+        rv_b=float(heart_draw(17, 23) * rv_scale),
+        rv_end=float(heart_draw(0.66, 0.84)),
+        rv_angle=float(np.pi + heart_draw(0.15, 0.55)),  # image left, slightly anterior
         es_base_descent=float(rng.uniform(0.03, 0.1)),
     )
 
