@@ -289,7 +289,7 @@ class PatientParams:
     es_base_descent: float
 
 
-def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float = 1.0) -> PatientParams:
+def _patient_params(rng: np.random.Generator, site: SiteParams, anatomy: float) -> PatientParams:
     """One patient's anatomy; ``anatomy`` scales the spread of the heart's draws (``PatientVariation``)."""
     def heart_draw(low: float, high: float) -> float:
         draw = rng.uniform(low, high)
