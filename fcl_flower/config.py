@@ -93,6 +93,7 @@ class PretrainSchema:
     use_remote_positives: bool = MISSING
     exclude_same_partition_negatives: bool = MISSING
     keep_optimizer_state: bool = MISSING
+    precision: str = MISSING
     threads: int = MISSING
 
 
@@ -191,6 +192,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.spatial_dims": (2, 3),
     "model.norm": ("instance", "batch"),
     "pretrain.optimizer": ("sgd", "adam"),
+    "pretrain.precision": ("float32", "bfloat16"),
     "finetune.init": ("auto", "random", "local_pretrain"),
     "finetune.federated_norm": ("shared", "local"),
     "strategy.name": (

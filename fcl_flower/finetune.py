@@ -705,7 +705,9 @@ _NEUTRAL_KEYS = (
 )
 # keys added after cells were stored, each with the value that computes what the code did
 # before the key existed: at that value a key is left out, so stored cells stay valid
-_ADDED_KEYS = {"finetune.federated_norm": "shared", "synthetic.anatomy_variation": 1.0}
+_ADDED_KEYS = {
+    "finetune.federated_norm": "shared", "synthetic.anatomy_variation": 1.0, "pretrain.precision": "float32",
+}
 
 
 def config_fingerprint(cfg: DictConfig, *extra: str, ignore: Sequence[str] = ()) -> str:

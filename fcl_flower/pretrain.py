@@ -107,10 +107,21 @@ def rotate_batch(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tenso
     return out, rotation
 
 
-def _embed_views(nets: _Nets, batch: ContrastiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def project(encoder: nn.Module, head: nn.Module, x: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+    """``head(encoder(x))`` for a batch (N, C, [D,] H, W): (N, d) float32.
+
+    ``precision="bfloat16"`` runs the networks under autocast (bfloat16 activations, float32
+    weights and gradients: mixed-precision training); the output is float32 either way, so
+    every loss is computed in float32.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        z = head(encoder(x)[0])
+    return z.float()
+
+
+def _embed_views(nets: _Nets, batch: ContrastiveBatch, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views through the main encoder + head in one pass: two (N, d)."""
-    z = nets.head(nets.encoder(torch.cat([batch.view1, batch.view2]))[0])
-    return z.chunk(2)
+    return project(nets.encoder, nets.head, torch.cat([batch.view1, batch.view2]), precision).chunk(2)
 
 
 def _batch_loss(
@@ -125,9 +136,9 @@ def _batch_loss(
     """The method's loss on one batch, and the momentum keys (N, d) to enqueue (``fcl`` only, else None)."""
     p = cfg.pretrain
     if cfg.method == "fcl":
-        q = nets.head(nets.encoder(batch.view1)[0])
+        q = project(nets.encoder, nets.head, batch.view1, p.precision)
         with torch.no_grad():
-            k = nets.key_head(nets.key_encoder(batch.view2)[0])
+            k = project(nets.key_encoder, nets.key_head, batch.view2, p.precision)
         remote_feats, remote_parts = remote if remote is not None else (None, None)
         bank, bank_part = sample_bank(
             queue.features(), queue.partitions(), remote_feats, remote_parts, p.bank_sample_size, generator
@@ -139,11 +150,11 @@ def _batch_loss(
         )
         return loss, k
     if cfg.method == "local_cl":
-        return local_cl_loss(*_embed_views(nets, batch), batch.partition, p.temperature), None
+        return local_cl_loss(*_embed_views(nets, batch, p.precision), batch.partition, p.temperature), None
     if cfg.method == "simclr":
-        return nt_xent(*_embed_views(nets, batch), p.temperature), None
+        return nt_xent(*_embed_views(nets, batch, p.precision), p.temperature), None
     x, rotation = rotate_batch(batch.view1, rng)
-    return rotation_loss(nets.head(nets.encoder(x)[0]), rotation), None
+    return rotation_loss(project(nets.encoder, nets.head, x, p.precision), rotation), None
 
 
 # ---------------------------------------------------------------- site state

@@ -11,6 +11,7 @@ CPU ratio is the one to trust on a shared machine).
 
     python simulations/bench_trainer.py                      # default config: 20 volumes 96x96, 1 epoch
     python simulations/bench_trainer.py --repeats 5 pretrain.batch_volumes=8
+    python simulations/bench_trainer.py pretrain.precision=bfloat16    # mixed precision, both sides
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def plain_epoch(cfg, volumes: list[np.ndarray], bank: torch.Tensor, bank_part: t
     slices = 0
     with Clock() as clock:
         for batch in sampler.epoch():
-            q = head(encoder(batch.view1)[0])
-            with torch.no_grad():
-                k = key_head(key_encoder(batch.view2)[0])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bfloat16"):
+                q = head(encoder(batch.view1)[0]).float()
+                with torch.no_grad():
+                    k = key_head(key_encoder(batch.view2)[0]).float()
             loss = fcl_loss(q, k, batch.partition, batch.partition, bank, bank_part, p.temperature)
             opt.zero_grad()
             loss.backward()
@@ -129,7 +131,7 @@ def measure(
         "config": {"image_size": list(cfg.data.image_size), "channels": list(cfg.model.channels),
                    "batch_slices": cfg.pretrain.batch_volumes * cfg.data.num_partitions, "bank_rows": k,
                    "optimizer": cfg.pretrain.optimizer, "volumes": volumes, "depth": depth,
-                   "threads": cfg.pretrain.threads, "repeats": repeats},
+                   "threads": cfg.pretrain.threads, "precision": cfg.pretrain.precision, "repeats": repeats},
         "slices_per_s": median,
         "epoch_seconds_wall": volumes * cfg.data.num_partitions / median["trainer"],
         "overhead_wall": median["plain"] / median["trainer"] - 1.0,

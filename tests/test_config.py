@@ -40,6 +40,7 @@ def test_dotlist_overrides_reach_nested_keys():
         ("stages=[pretrain,deploy]", "stages"),
         ("data.image_size=[64]", "data.image_size"),
         ("finetune.federated_norm=site", "finetune.federated_norm"),
+        ("pretrain.precision=float16", "pretrain.precision"),
         ("synthetic.patient_variation=-1", "synthetic.patient_variation"),
         ("synthetic.anatomy_variation=3", "synthetic.anatomy_variation"),
     ],

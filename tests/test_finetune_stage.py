@@ -401,7 +401,9 @@ def test_fingerprints_leave_out_added_keys_at_their_original_value() -> None:
     before_the_key = OmegaConf.to_container(cfg)
     del before_the_key["finetune"]["federated_norm"]
     del before_the_key["synthetic"]["anatomy_variation"]
+    del before_the_key["pretrain"]["precision"]
     assert config_fingerprint(cfg) == config_fingerprint(OmegaConf.create(before_the_key))
+    assert config_fingerprint(with_overrides(cfg, ["pretrain.precision=bfloat16"])) != config_fingerprint(cfg)
     assert config_fingerprint(with_overrides(cfg, ["finetune.federated_norm=local"])) != config_fingerprint(cfg)
     assert config_fingerprint(with_overrides(cfg, ["synthetic.anatomy_variation=2"])) != config_fingerprint(cfg)
     # a site's own pre-trained encoder does not depend on fine-tuning settings

@@ -13,7 +13,7 @@ import torch
 
 from fcl_flower.config import load_config
 from fcl_flower.pretrain import (
-    STATE_FILE, ema_update, evaluate_contrastive, initial_weights, pretrain_round, rotate_batch,
+    STATE_FILE, ema_update, evaluate_contrastive, initial_weights, pretrain_round, project, rotate_batch,
 )
 
 torch.set_num_threads(1)
@@ -172,8 +172,43 @@ def test_each_method_loss_decreases_over_rounds(tmp_path: Path, method: str, nif
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_3d_fcl_round(tmp_path: Path) -> None:
-    cfg = _cfg("data.spatial_dims=3", "data.slab_depth=3", "pretrain.max_steps_per_round=2")
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_bfloat16_projection_runs_the_networks_in_bfloat16_and_returns_float32(norm: str) -> None:
+    from fcl_flower.models import build_encoder, build_head
+
+    cfg = _cfg(f"model.norm={norm}")
+    torch.manual_seed(0)
+    encoder, head = build_encoder(cfg), build_head(cfg)
+    x = torch.from_numpy(np.stack(_volumes(n=1, depth=8)[0][:, None]))  # (8, 1, 32, 32)
+    full, mixed = project(encoder, head, x), project(encoder, head, x, "bfloat16")
+    assert full.dtype == mixed.dtype == torch.float32 and mixed.shape == full.shape == (8, 16)
+    # bfloat16 keeps 8 bits of mantissa: close to float32, yet not the same numbers
+    assert not torch.equal(full, mixed)
+    assert torch.nn.functional.cosine_similarity(full, mixed).min() > 0.99
+    mixed.sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("method", ["fcl", "rotation"])
+def test_bfloat16_rounds_learn_and_keep_float32_weights(
+    tmp_path: Path, method: str, nifti_volumes: list[np.ndarray]
+) -> None:
+    common = [f"method={method}", "pretrain.local_epochs=5", "pretrain.queue_size=8", "pretrain.lr=0.003"]
+    cfg = _cfg(*common, "pretrain.precision=bfloat16")
+    weights, losses = initial_weights(cfg), []
+    for server_round in range(1, 5):
+        res = pretrain_round(weights, None, nifti_volumes, cfg, tmp_path / "mixed", server_round)
+        weights = res.weights
+        losses.append(res.metrics["loss"])
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(w.dtype == np.float32 for w in weights) and res.bank_features.dtype == np.float32
+    full = pretrain_round(initial_weights(cfg), None, nifti_volumes, _cfg(*common), tmp_path / "full", 1)
+    assert full.metrics["loss"] != losses[0]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_3d_fcl_round(tmp_path: Path, precision: str) -> None:
+    cfg = _cfg("data.spatial_dims=3", "data.slab_depth=3", "pretrain.max_steps_per_round=2", f"pretrain.precision={precision}")
     res = pretrain_round(initial_weights(cfg), _remote(cfg), _volumes(n=4, size=16), cfg, tmp_path, 1)
     assert res.metrics["steps"] == 2 and res.bank_features.shape == (16, 16) and np.isfinite(res.metrics["loss"])
 
