@@ -31,7 +31,7 @@ from fcl_flower.config import load_config
 from fcl_flower.data.sampling import PartitionSampler
 from fcl_flower.losses import fcl_loss
 from fcl_flower.models import build_encoder, build_head
-from fcl_flower.pretrain import initial_weights, pretrain_round
+from fcl_flower.pretrain import initial_weights, pretrain_round, project
 
 
 def _volumes(n: int, depth: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
@@ -72,10 +72,9 @@ def plain_epoch(cfg, volumes: list[np.ndarray], bank: torch.Tensor, bank_part: t
     slices = 0
     with Clock() as clock:
         for batch in sampler.epoch():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bfloat16"):
-                q = head(encoder(batch.view1)[0]).float()
-                with torch.no_grad():
-                    k = key_head(key_encoder(batch.view2)[0]).float()
+            q = project(encoder, head, batch.view1, p.precision)
+            with torch.no_grad():
+                k = project(key_encoder, key_head, batch.view2, p.precision)
             loss = fcl_loss(q, k, batch.partition, batch.partition, bank, bank_part, p.temperature)
             opt.zero_grad()
             loss.backward()

@@ -159,16 +159,24 @@ def nifti_volumes(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     return [v.image for v in load_site_volumes(discover_site(site, "synthetic"), cfg)]
 
 
+def _four_rounds(cfg, volumes: list[np.ndarray], state_dir: Path):
+    """Rounds 1-4 of one site, each from the last one's weights: (the last ``RoundResult``, the four losses)."""
+    weights, losses = initial_weights(cfg), []
+    for server_round in range(1, 5):
+        res = pretrain_round(weights, None, volumes, cfg, state_dir, server_round)
+        weights = res.weights
+        losses.append(res.metrics["loss"])
+    return res, losses
+
+
+# queue = one batch of keys, so the FCL bank has the same size in every round
+LEARNING = ["pretrain.local_epochs=5", "pretrain.queue_size=8", "pretrain.lr=0.003"]
+
+
 @pytest.mark.parametrize("method", ["fcl", "local_cl", "simclr", "rotation"])
 def test_each_method_loss_decreases_over_rounds(tmp_path: Path, method: str, nifti_volumes: list[np.ndarray]) -> None:
     assert len(nifti_volumes) == 6 and nifti_volumes[0].shape[1:] == (32, 32)
-    # queue = one batch of keys, so the FCL bank has the same size in every round
-    cfg = _cfg(f"method={method}", "pretrain.local_epochs=5", "pretrain.queue_size=8", "pretrain.lr=0.003")
-    weights, losses = initial_weights(cfg), []
-    for server_round in range(1, 5):
-        res = pretrain_round(weights, None, nifti_volumes, cfg, tmp_path, server_round)
-        weights = res.weights
-        losses.append(res.metrics["loss"])
+    _, losses = _four_rounds(_cfg(f"method={method}", *LEARNING), nifti_volumes, tmp_path)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -193,15 +201,11 @@ def test_bfloat16_projection_runs_the_networks_in_bfloat16_and_returns_float32(n
 def test_bfloat16_rounds_learn_and_keep_float32_weights(
     tmp_path: Path, method: str, nifti_volumes: list[np.ndarray]
 ) -> None:
-    common = [f"method={method}", "pretrain.local_epochs=5", "pretrain.queue_size=8", "pretrain.lr=0.003"]
+    common = [f"method={method}", *LEARNING]
     cfg = _cfg(*common, "pretrain.precision=bfloat16")
-    weights, losses = initial_weights(cfg), []
-    for server_round in range(1, 5):
-        res = pretrain_round(weights, None, nifti_volumes, cfg, tmp_path / "mixed", server_round)
-        weights = res.weights
-        losses.append(res.metrics["loss"])
+    res, losses = _four_rounds(cfg, nifti_volumes, tmp_path / "mixed")
     assert losses[-1] < 0.9 * losses[0], losses
-    assert all(w.dtype == np.float32 for w in weights) and res.bank_features.dtype == np.float32
+    assert all(w.dtype == np.float32 for w in res.weights) and res.bank_features.dtype == np.float32
     full = pretrain_round(initial_weights(cfg), None, nifti_volumes, _cfg(*common), tmp_path / "full", 1)
     assert full.metrics["loss"] != losses[0]
 
