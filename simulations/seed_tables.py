@@ -18,6 +18,17 @@ differences: mean ± std over sites, sites ahead, and the mean in standard error
         test:0:runs/diag/test-wide-r120-all-docs/results_folds.csv test:2:runs/diag/s2-wide-r120-all-docs/results_folds.csv \\
         test:3:runs/diag/s3-wide-r120-all-docs/results_folds.csv
     python simulations/seed_tables.py summary docs/results_n1_wide_r120.csv --federation test --finetune local --n-labeled 1
+
+``target`` checks the paper experiment's target (docs/RESULTS.md) on one or more settings, one
+Markdown row each (``SETTING`` is ``LABEL=FEDERATION:CSV[,CSV...]``; the rows of the CSVs are
+pooled). For the task and budget asked (local N = 1 by default, the target's), FCL must gain at
+least 0.10 Dice over random init, be above every other baseline (local CL, FedRotation,
+FedSimCLR), and its two ablations must lie between FCL and FedSimCLR. Every comparison is a
+seed-averaged paired mean over sites, as in ``summary``, and "above" is read leniently: any
+positive mean counts, whatever its standard error. A comparison whose methods were not run
+leaves the target undecided unless another one already fails it::
+
+    python simulations/seed_tables.py target "48 px, wide, 120 rounds=test:docs/results_n1_wide_r120.csv"
 """
 
 from __future__ import annotations
@@ -35,6 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_experiment import FOLD_COLUMNS, LABELS, METHOD_NAMES, describe_differences, write_csv  # noqa: E402
 
 SEED_COLUMNS = ("federation", "seed", *FOLD_COLUMNS)
+REQUIRED_COLUMNS = ("federation", "seed", "method", "finetune", "n_labeled", "site", "dice")
+BASELINES = ("local_cl", "fedrotation", "fedsimclr")
+ABLATIONS = ("fcl_no_gsm", "fcl_no_fe")
+TARGET_GAIN = 0.10
+SHORT = {**LABELS, "fcl_no_gsm": "w/o GSM", "fcl_no_fe": "w/o FE"}  # table-width names of the methods
 # {method: {seed: {site: Dice averaged over the site's folds}}}
 SiteDice = dict[str, dict[int, dict[str, float]]]
 
@@ -98,12 +114,79 @@ def summary_table(dice: SiteDice) -> str:
     return "\n".join(lines)
 
 
+def target_row(label: str, dice: SiteDice, min_gain: float = TARGET_GAIN) -> str:
+    """One Markdown row: random init's Dice, every method's gain over it, and whether the target is met.
+
+    ``dice`` must hold random init. Every comparison pairs the seeds both methods ran; a gain or a
+    failing comparison made on other seeds than FCL's names its seeds in brackets. The verdict is
+    "met", "not met: <every failing comparison>", or "undecided, not run: <methods>" when nothing
+    that was run fails it.
+    """
+    fcl_seeds = sorted(dice.get("fcl", {}))
+
+    def compared(a: str, b: str) -> tuple[float, str] | None:
+        """The seed-averaged paired mean of a - b, and its seeds in brackets when they are not FCL's."""
+        diff, seeds = seed_averaged_difference(dice, a, b)
+        if not diff:
+            return None
+        return statistics.fmean(diff.values()), "" if seeds == fcl_seeds else f" [{','.join(map(str, seeds))}]"
+
+    def fails(a: str, b: str) -> str | None:
+        d = compared(a, b)
+        return f"{SHORT[a]} − {SHORT[b]} {d[0]:+.3f}{d[1]}" if d is not None and d[0] <= 0 else None
+
+    failures: list[str] = []
+    gain = compared("fcl", "random")
+    if gain is not None and gain[0] < min_gain:
+        failures.append(f"FCL gains {gain[0]:+.3f} < {min_gain:+.2f}")
+    comparisons = [("fcl", b) for b in BASELINES] + [pair for a in ABLATIONS for pair in (("fcl", a), (a, "fedsimclr"))]
+    failures += [f for a, b in comparisons if (f := fails(a, b)) is not None]
+    missing = [SHORT[m] for m in ("fcl", *BASELINES, *ABLATIONS) if m not in dice]
+    if failures:
+        verdict = "not met: " + "; ".join(failures)
+    else:
+        verdict = "undecided, not run: " + ", ".join(missing) if missing else "met"
+
+    random_init = statistics.fmean(statistics.fmean(dice["random"][s].values()) for s in sorted(dice["random"]))
+    gains = [f"{g[0]:+.3f}{g[1]}" if (g := compared(m, "random")) is not None else "—"
+             for m in ("fcl", *BASELINES, *ABLATIONS)]
+    return (f"| {label} | {','.join(map(str, fcl_seeds)) or '—'} | {random_init:.3f} | " + " | ".join(gains)
+            + f" | {verdict} |")
+
+
+def target_header() -> str:
+    """The header of ``target_row``'s table."""
+    names = [SHORT[m] for m in ("fcl", *BASELINES, *ABLATIONS)]
+    return ("| setting | seeds | random init | " + " | ".join(names) + " | target |\n"
+            "|---|---|---|" + "---|" * len(names) + "---|")
+
+
 def _source(text: str) -> tuple[str, int, Path]:
     try:
         federation, seed, path = text.split(":", 2)
         return federation, int(seed), Path(path)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FEDERATION:SEED:results_folds.csv") from None
+
+
+def _setting(text: str) -> tuple[str, str, list[Path]]:
+    label, sep, rest = text.partition("=")
+    federation, colon, paths = rest.partition(":")
+    if not (sep and colon and label and federation and paths):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=FEDERATION:CSV[,CSV...]")
+    return label, federation, [Path(p) for p in paths.split(",")]
+
+
+def _read_merged(parser: argparse.ArgumentParser, path: Path) -> list[dict[str, str]]:
+    """The rows of a ``merge``d CSV; a parser error naming the file when it is absent or lacks a column."""
+    if not path.is_file():
+        parser.error(f"no such CSV: {path}")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in REQUIRED_COLUMNS if rows and c not in rows[0]]
+    if missing:
+        parser.error(f"{path} has no column(s) {missing}; make it with `seed_tables.py merge`")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--federation", default="test")
     s.add_argument("--finetune", default="local", choices=("local", "federated"))
     s.add_argument("--n-labeled", type=int, default=1)
+    t = commands.add_parser("target", help="the paper experiment's target (local N = 1 by default) checked on each setting")
+    t.add_argument("settings", nargs="+", type=_setting, help="LABEL=FEDERATION:CSV[,CSV...], one per table row")
+    t.add_argument("--finetune", default="local", choices=("local", "federated"))
+    t.add_argument("--n-labeled", type=int, default=1)
     args = parser.parse_args(argv)
 
     if args.command == "merge":
@@ -130,13 +217,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[seeds] wrote {len(rows)} rows to {args.out}")
         return 0
 
-    if not args.csv.is_file():
-        parser.error(f"no such CSV: {args.csv}")
-    with args.csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in ("federation", "seed", "method", "finetune", "n_labeled", "site", "dice") if rows and c not in rows[0]]
-    if missing:
-        parser.error(f"{args.csv} has no column(s) {missing}; make it with `seed_tables.py merge`")
+    if args.command == "target":
+        lines = [target_header()]
+        for label, federation, paths in args.settings:
+            rows = [r for p in paths for r in _read_merged(parser, p)]
+            dice = site_dice(rows, federation, args.finetune, args.n_labeled)
+            if "random" not in dice:
+                parser.error(f"setting {label!r}: {', '.join(map(str, paths))} has no random-init rows for "
+                             f"federation={federation}, finetune={args.finetune}, n_labeled={args.n_labeled}")
+            lines.append(target_row(label, dice))
+        print(f"{args.finetune} fine-tuning, N = {args.n_labeled}: gains over random init (seed-averaged paired means "
+              "over sites)\n")
+        print("\n".join(lines))
+        return 0
+
+    rows = _read_merged(parser, args.csv)
     dice = site_dice(rows, args.federation, args.finetune, args.n_labeled)
     if not dice:
         parser.error(f"{args.csv} has no rows for federation={args.federation}, finetune={args.finetune}, "

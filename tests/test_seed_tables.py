@@ -66,3 +66,36 @@ def test_summary_names_what_is_missing(tmp_path) -> None:
         st.main(["merge", str(tmp_path / "x.csv"), f"test:0:{tmp_path / 'absent.csv'}"])
     with pytest.raises(SystemExit):
         st.main(["merge", str(tmp_path / "x.csv"), "test:zero:a.csv"])
+
+
+def _merged(tmp_path: Path, name: str, seeds: dict[int, dict[str, float]]) -> Path:
+    """A merged CSV of one federation: {seed: {method: Dice on both sites, one fold each}}."""
+    runs = [_folds_csv(tmp_path / f"{name}{seed}.csv", {m: {"a": (d,), "b": (d,)} for m, d in dice.items()})
+            for seed, dice in seeds.items()]
+    merged = tmp_path / f"{name}.csv"
+    st.main(["merge", str(merged), *(f"test:{seed}:{run}" for seed, run in zip(seeds, runs))])
+    return merged
+
+
+def test_target_is_met_only_when_every_comparison_holds(tmp_path, capsys) -> None:
+    paper_order = {"random": 0.30, "local_cl": 0.35, "fedrotation": 0.36, "fedsimclr": 0.34,
+                   "fcl_no_fe": 0.38, "fcl_no_gsm": 0.42, "fcl": 0.45}
+    met = _merged(tmp_path, "met", {0: paper_order})
+    # FCL gains only +0.08, FedRotation beats it over the two seeds, and w/o GSM is above it at seed 0
+    short = _merged(tmp_path, "short", {0: {**paper_order, "fcl": 0.38, "fcl_no_gsm": 0.40, "fcl_no_fe": 0.37},
+                                        2: {"random": 0.30, "fcl": 0.38, "fedrotation": 0.42}})
+    untried = _merged(tmp_path, "untried", {0: {"random": 0.30, "fcl": 0.45, "fedsimclr": 0.34}})
+    assert st.main(["target", f"as the paper=test:{met}", f"short=test:{short}", f"untried=test:{untried}"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-3] == ("| as the paper | 0 | 0.300 | +0.150 | +0.050 | +0.060 | +0.040 | +0.120 | +0.080 | met |")
+    assert rows[-2].startswith("| short | 0,2 | 0.300 | +0.080 | +0.050 [0] | +0.090 | +0.040 [0] | +0.100 [0] | +0.070 [0] |")
+    assert rows[-2].endswith("| not met: FCL gains +0.080 < +0.10; FCL − FedRotation -0.010; FCL − w/o GSM -0.020 [0] |")
+    assert rows[-1].endswith("| undecided, not run: local CL, FedRotation, w/o GSM, w/o FE |")
+
+
+def test_target_names_a_bad_setting(tmp_path) -> None:
+    no_random = _merged(tmp_path, "nr", {0: {"fcl": 0.45}})
+    for setting in ("no federation", f"x=test:{no_random}", f"x=test:{tmp_path / 'absent.csv'}",
+                    f"x=test:{_folds_csv(tmp_path / 'unmerged.csv', {'random': {'a': (0.3,)}})}"):
+        with pytest.raises(SystemExit):
+            st.main(["target", setting])
