@@ -13,7 +13,7 @@ from fcl_flower.config import config_to_yaml
 from fcl_flower.data.datasets import VolumeRecord
 from fcl_flower.server_app import describe_failure
 from fcl_flower.site import RoundStateStore, resolve_site, split_holdout
-from fcl_flower.wire import bank_from_metrics, remote_bank_to_config
+from fcl_flower.wire import BANK_KEYS, bank_from_metrics, remote_bank_to_config
 
 TINY = ["model.channels=[8,16,32]", "model.proj_hidden=32", "model.proj_dim=16", "pretrain.queue_size=32",
         "pretrain.bank_sample_size=32", "data.holdout_fraction=0.5"]
@@ -84,6 +84,21 @@ def test_pretrain_client_fit_and_evaluate_on_generated_nifti(tiny_synthetic: Pat
     assert n_eval > 0 and math.isfinite(loss) and eval_metrics["site"] == "site_00"
     assert sorted(p.name for p in (tmp_path / "run" / "sites" / "site_00" / "pretrain").iterdir()) == [
         "round-00001", "round-00002"]
+
+
+def test_with_the_relay_off_no_feature_leaves_the_site(tiny_synthetic: Path, small_cfg, tmp_path: Path):
+    from fcl_flower.pretrain import initial_weights
+
+    cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run'}", "relay.enabled=false",
+                    *TINY)
+    client = StageClient({"partition-id": 0})
+    message = {"config": config_to_yaml(cfg), "stage": "pretrain", "round": 1}
+    weights, _, metrics = client.fit(initial_weights(cfg), message)
+    assert metrics["site"] == "site_00" and not set(BANK_KEYS) & set(metrics)
+    # A remote bank that arrives anyway (a misconfigured coordinator) is not used.
+    remote = remote_bank_to_config(np.eye(16, dtype=np.float32), np.zeros(16, dtype=np.int64), n_sites=1)
+    _, _, metrics2 = client.fit(weights, {**message, "round": 2, **remote})
+    assert metrics2["remote_rows"] == 0 and not set(BANK_KEYS) & set(metrics2)
 
 
 def test_a_site_error_is_reraised_naming_the_site(small_cfg, tmp_path: Path):
