@@ -120,7 +120,9 @@ class FCLClient(_SiteClient):
             store = RoundStateStore(site.state_dir / "pretrain")
             work = store.checkout(server_round)
             called = time.time()
-            result = pretrain_round(parameters, remote, volumes, cfg, work, server_round)
+            # FedProx (strategy.name=fedprox) sends its mu with every fit; other strategies send none
+            proximal_mu = float(config.get("proximal_mu", 0.0))
+            result = pretrain_round(parameters, remote, volumes, cfg, work, server_round, proximal_mu)
             store.commit(server_round, work)
             metrics: dict[str, Scalar] = {"site": site.name, **result.metrics}
             # message in -> first training step: process start, imports, data, model build, state load

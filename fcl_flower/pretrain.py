@@ -92,6 +92,14 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
         t.copy_(s)
 
 
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FedProx's ||w - w_global||^2 (Li et al., MLSys 2020): a scalar, summed over every tensor pair.
+
+    ``params`` are the trainable tensors, ``anchor`` the same tensors as the round received them.
+    """
+    return torch.stack([(w - a).pow(2).sum() for w, a in zip(params, anchor, strict=True)]).sum()
+
+
 def rotate_batch(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each sample of (N, C, ..., H, W) in-plane by a random multiple of 90 degrees.
 
@@ -227,6 +235,7 @@ def pretrain_round(
     cfg: DictConfig,
     state_dir: Path,
     server_round: int,
+    proximal_mu: float = 0.0,
 ) -> RoundResult:
     """One round of local pre-training of this site.
 
@@ -238,9 +247,12 @@ def pretrain_round(
         cfg: the run config.
         state_dir: the site's state folder; read at the start, rewritten at the end.
         server_round: this round's number; must be later than the round saved in ``state_dir``.
+        proximal_mu: FedProx's mu, sent by ``strategy.name=fedprox`` in the fit config; above 0,
+            each step's loss gets ``mu / 2 * proximal_term`` towards ``global_weights``.
 
     Returns:
-        The round's ``RoundResult``.
+        The round's ``RoundResult``; its ``loss`` metric is the method's loss without the proximal
+        term. With ``proximal_mu`` above 0, ``proximal_term`` is that distance after the round.
     """
     entered = time.perf_counter()
     _check_method(cfg)
@@ -262,7 +274,9 @@ def pretrain_round(
             key_head.load_state_dict(state["key_head"])
     nets = _Nets(encoder, head, key_encoder, key_head)
     queue = FeatureQueue(p.queue_size, cfg.model.proj_dim)
-    optimizer = _optimizer([*encoder.parameters(), *head.parameters()], cfg)
+    trainable = [*encoder.parameters(), *head.parameters()]
+    optimizer = _optimizer(trainable, cfg)
+    anchor = [w.detach().clone() for w in trainable] if proximal_mu > 0 else None
     rng, generator = _generators(state, cfg, volumes)
     if state is not None:
         queue.load_state_dict(state["queue"])
@@ -278,8 +292,9 @@ def pretrain_round(
     batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(p.local_epochs))
     for batch in itertools.islice(batches, p.max_steps_per_round or None):
         loss, keys = _batch_loss(cfg, nets, batch, queue, remote, rng, generator)
+        objective = loss if anchor is None else loss + proximal_mu / 2 * proximal_term(trainable, anchor)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         if keys is not None:
             ema_update(key_encoder, encoder, p.ema_momentum)
@@ -313,6 +328,9 @@ def pretrain_round(
         "queue_rows": float(len(queue)),
         "remote_rows": float(0 if remote is None else remote[0].shape[0]),
     }
+    if anchor is not None:
+        with torch.no_grad():
+            metrics["proximal_term"] = proximal_term(trainable, anchor).item()
     return RoundResult(get_weights(encoder, head), bank_features, bank_partitions, metrics, len(seen))
 
 

@@ -41,6 +41,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
 }
 
+# Options whose value must be at least this, checked before the strategy sees them (flwr does not).
+OPTION_MINIMA = {"proximal_mu": 0.0}
+
 HOOKS = (
     "evaluate_fn",
     "on_fit_config_fn",
@@ -105,6 +108,10 @@ def build_strategy(
                 f"config key 'strategy.options.{key}': not an option of {cls.__name__}; "
                 f"its options are {valid}"
             )
+    for key, least in OPTION_MINIMA.items():
+        value = options.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+            raise ConfigError(f"config key 'strategy.options.{key}': must be a number at least {least}, got {value!r}")
     missing = [
         p for p in accepted
         if accepted[p].default is inspect.Parameter.empty and p not in base and p not in options

@@ -334,6 +334,17 @@ def test_relay_off_is_a_pass_through() -> None:
     assert fx.state_dict()["features"].shape == (0, D)
 
 
+def test_fedprox_mu_reaches_the_sites_beside_the_remote_bank() -> None:
+    cfg = load_config(["strategy.name=fedprox", "strategy.options={proximal_mu: 0.5}", f"model.proj_dim={D}",
+                       f"data.num_partitions={S}", "federation.min_fit_sites=1", "federation.min_available_sites=1"])
+    fx = relay(build_strategy(cfg, ndarrays_to_parameters(WEIGHTS), on_fit_config_fn=lambda r: {"round": r}))
+    cm, proxies = round_one(fx)
+    instructions = fx.configure_fit(2, ndarrays_to_parameters(WEIGHTS), cm)
+    for _, ins in instructions:
+        assert ins.config["proximal_mu"] == 0.5 and ins.config["round"] == 2
+        assert ins.config[wire.REMOTE_ROWS] > 0
+
+
 def test_site_mapping_follows_a_restarted_supernode() -> None:
     fx = relay()
     cm, proxies = round_one(fx)

@@ -90,6 +90,21 @@ def test_fcl_round_result_and_state(tmp_path: Path) -> None:
         pretrain_round(res.weights, None, _volumes(), cfg, tmp_path, 1)
 
 
+def test_proximal_term_keeps_the_round_near_the_global_weights(tmp_path: Path) -> None:
+    cfg = _cfg("pretrain.local_epochs=2")
+    start = initial_weights(cfg)
+
+    def drift(mu: float) -> tuple[float, dict]:
+        res = pretrain_round(start, _remote(cfg), _volumes(), cfg, tmp_path / str(mu), 1, proximal_mu=mu)
+        return sum(float(np.sum((w - s) ** 2)) for w, s in zip(res.weights, start)), res.metrics
+
+    free, free_metrics = drift(0.0)
+    held, held_metrics = drift(100.0)
+    assert "proximal_term" not in free_metrics
+    assert 0 < held < free / 3 and held_metrics["proximal_term"] > 0
+    assert np.isfinite(held_metrics["loss"])  # the method's own loss, reported without the term
+
+
 def test_switches_change_the_round(tmp_path: Path) -> None:
     cfg = _cfg("pretrain.max_steps_per_round=2")
     runs = {}

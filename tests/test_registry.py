@@ -101,6 +101,10 @@ def test_missing_required_option_is_named() -> None:
 def test_option_value_refused_by_the_strategy() -> None:
     with pytest.raises(ConfigError, match="FedTrimmedAvg"):
         build_strategy(cfg_for("fedtrimmedavg", "strategy.options.beta=0.7"), INIT)
+    with pytest.raises(ConfigError, match=r"strategy\.options\.proximal_mu.*at least 0"):
+        build_strategy(cfg_for("fedprox", "strategy.options.proximal_mu=-0.1"), INIT)
+    with pytest.raises(ConfigError, match=r"strategy\.options\.proximal_mu"):
+        build_strategy(cfg_for("fedprox", "strategy.options.proximal_mu=strong"), INIT)
 
 
 def test_strategies_import_neither_torch_nor_the_trainer() -> None:

@@ -76,10 +76,11 @@ def test_pretrain_client_fit_and_evaluate_on_generated_nifti(tiny_synthetic: Pat
     features, parts = bank_from_metrics(metrics)
     assert features.shape[1] == 16 and len(parts) == len(features) > 0
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-4)
-    # Round 2 with a remote bank from "another site".
+    assert "proximal_term" not in metrics
+    # Round 2 with a remote bank from "another site", and FedProx's mu as its strategy sends it.
     remote = remote_bank_to_config(features[::-1].copy(), parts[::-1].copy(), n_sites=1)
-    weights2, _, metrics2 = client.fit(weights, {**message, "round": 2, **remote})
-    assert metrics2["remote_rows"] == len(features)
+    weights2, _, metrics2 = client.fit(weights, {**message, "round": 2, **remote, "proximal_mu": 0.1})
+    assert metrics2["remote_rows"] == len(features) and metrics2["proximal_term"] > 0
     loss, n_eval, eval_metrics = client.evaluate(weights2, {**message, "round": 2})
     assert n_eval > 0 and math.isfinite(loss) and eval_metrics["site"] == "site_00"
     assert sorted(p.name for p in (tmp_path / "run" / "sites" / "site_00" / "pretrain").iterdir()) == [
