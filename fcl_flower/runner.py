@@ -41,6 +41,11 @@ def app_dir() -> Path:
     return APP_DIR
 
 
+# What a completed run may have written, in the order the closing line names them (pre-training: the
+# first five; the fine-tuning stage: finetune/).
+RUN_OUTPUTS = ("rounds.jsonl", "rounds.csv", "curves.png", "checkpoints/", "encoder.pt", "finetune/")
+
+
 def simulate(cfg: DictConfig) -> int:
     """Run ``cfg`` on the Ray simulation engine; 0 if it completed and wrote its outputs."""
     from fcl_flower.server_app import prepare_run
@@ -89,5 +94,6 @@ def simulate(cfg: DictConfig) -> int:
     completed = summary.is_file() and json.loads(summary.read_text()).get("completed") is True
     if report_outcome(status, completed, out / "logs"):
         return 1
-    print(f"[fcl] outputs in {out}: rounds.jsonl, rounds.csv, curves.png, checkpoints/, encoder.pt", flush=True)
+    written = [name for name in RUN_OUTPUTS if (out / name.rstrip("/")).exists()]
+    print(f"[fcl] outputs in {out}: {', '.join(written)}", flush=True)
     return 0
