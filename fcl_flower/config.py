@@ -203,12 +203,20 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 STAGES = ("pretrain", "finetune")
 POSITIVE = (
     "sites", "rounds", "data.num_partitions", "data.slab_depth", "pretrain.batch_volumes",
-    "pretrain.local_epochs", "pretrain.queue_size", "pretrain.threads",
-    "synthetic.patients_per_site", "synthetic.image_size", "model.proj_dim",
-    "federation.client_cpus",
+    "pretrain.local_epochs", "pretrain.queue_size", "pretrain.bank_sample_size", "pretrain.threads",
+    "synthetic.patients_per_site", "synthetic.image_size", "model.proj_hidden", "model.proj_dim",
+    "relay.max_rows", "federation.client_cpus",
     "finetune.folds", "finetune.local_steps", "finetune.rounds", "finetune.fed_local_steps",
     "finetune.batch_size", "finetune.threads",
 )
+NON_NEGATIVE = (
+    "seed", "pretrain.max_steps_per_round", "pretrain.weight_decay", "relay.max_rows_per_site",
+    "relay.max_remote_rows", "relay.stale_after_rounds", "relay.norm_tolerance", "finetune.weight_decay",
+    "finetune.frozen_encoder_steps",
+)
+UNIT_INTERVAL = ("federation.fraction_fit", "federation.fraction_evaluate")
+# (lowest, highest) draws of an augmentation range, each kept inside these bounds
+AUGMENT_RANGES = {"data.augment.crop_scale": (0.0, 1.0), "data.augment.gamma": (0.0, float("inf"))}
 FINETUNE_TASKS = ("local", "federated")
 
 
@@ -268,11 +276,30 @@ def validate_config(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': must be at least 1, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}': must be in [0, 1], got {OmegaConf.select(cfg, key)}")
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ConfigError(f"config key 'stages': {stage!r} is not one of {list(STAGES)}")
     if len(cfg.data.image_size) != 2 or len(cfg.data.target_spacing) != 2:
         raise ConfigError("config keys 'data.image_size' and 'data.target_spacing' need two in-plane values")
+    if min(cfg.data.image_size) < 1 or not min(cfg.data.target_spacing) > 0:
+        raise ConfigError("config keys 'data.image_size' and 'data.target_spacing' must be positive, got "
+                          f"{list(cfg.data.image_size)} and {list(cfg.data.target_spacing)}")
+    for key, (least, most) in AUGMENT_RANGES.items():
+        draws = list(OmegaConf.select(cfg, key))
+        if len(draws) != 2 or not least < draws[0] <= draws[1] <= most:
+            raise ConfigError(f"config key '{key}': needs [low, high] with {least} < low <= high <= {most}, got {draws}")
+    if not cfg.model.channels or min(cfg.model.channels) < 1:
+        raise ConfigError(f"config key 'model.channels': needs one or more widths >= 1, got {list(cfg.model.channels)}")
+    if cfg.model.in_channels != 1:
+        raise ConfigError(f"config key 'model.in_channels': the data layer reads one channel, got {cfg.model.in_channels}")
+    if not cfg.pretrain.lr > 0:
+        raise ConfigError("config key 'pretrain.lr': must be positive")
     if not 0.0 < cfg.pretrain.temperature:
         raise ConfigError("config key 'pretrain.temperature': must be positive")
     if not 0.0 <= cfg.pretrain.ema_momentum < 1.0:
@@ -285,11 +312,23 @@ def validate_config(cfg: DictConfig) -> None:
     if problem:
         raise ConfigError(f"config key {problem}")
     _validate_finetune(cfg)
-    if cfg.federation.min_fit_sites > cfg.sites or cfg.federation.min_available_sites > cfg.sites:
+    _validate_federation(cfg)
+
+
+def _validate_federation(cfg: DictConfig) -> None:
+    fed = cfg.federation
+    if fed.min_fit_sites > cfg.sites or fed.min_available_sites > cfg.sites or fed.min_evaluate_sites > cfg.sites:
         raise ConfigError(
-            "config keys 'federation.min_fit_sites'/'federation.min_available_sites' "
+            "config keys 'federation.min_fit_sites'/'federation.min_available_sites'/'federation.min_evaluate_sites' "
             f"exceed 'sites' = {cfg.sites}"
         )
+    if not fed.fraction_fit > 0:
+        raise ConfigError("config key 'federation.fraction_fit': 0 asks no site to train, so no round would run")
+    if "pretrain" in cfg.stages and cfg.method == "none":
+        raise ConfigError("config key 'method': 'none' (random init) has no pre-training; use stages=[finetune]")
+    if cfg.method == "fcl" and cfg.relay.enabled and cfg.pretrain.queue_size > cfg.relay.max_rows:
+        raise ConfigError(f"config key 'pretrain.queue_size': {cfg.pretrain.queue_size} rows exceed 'relay.max_rows' = "
+                          f"{cfg.relay.max_rows}, so the server would reject every bank")
 
 
 def _validate_finetune(cfg: DictConfig) -> None:
@@ -307,6 +346,11 @@ def _validate_finetune(cfg: DictConfig) -> None:
         raise ConfigError("config key 'finetune.lr': must be positive")
     if ft.overlay_slices < 0:
         raise ConfigError("config key 'finetune.overlay_slices': must be >= 0")
+    if ft.init == "local_pretrain" and cfg.method == "none":
+        raise ConfigError("config key 'finetune.init': local_pretrain needs a pre-training 'method', not 'none'")
+    if ft.federated_norm == "local" and cfg.model.norm != "batch":
+        raise ConfigError("config key 'finetune.federated_norm': local (FedBN) keeps each site's BatchNorm layers, "
+                          f"but model.norm = {cfg.model.norm!r} has none with state; use model.norm=batch")
 
 
 def config_to_yaml(cfg: DictConfig) -> str:

@@ -43,12 +43,39 @@ def test_dotlist_overrides_reach_nested_keys():
         ("pretrain.precision=float16", "pretrain.precision"),
         ("synthetic.patient_variation=-1", "synthetic.patient_variation"),
         ("synthetic.anatomy_variation=3", "synthetic.anatomy_variation"),
+        ("federation.fraction_fit=1.5", "federation.fraction_fit"),
+        ("federation.fraction_fit=0", "federation.fraction_fit"),
+        ("federation.fraction_evaluate=-0.1", "federation.fraction_evaluate"),
+        ("federation.min_evaluate_sites=11", "federation.min_evaluate_sites"),
+        ("pretrain.bank_sample_size=0", "pretrain.bank_sample_size"),
+        ("pretrain.lr=0", "pretrain.lr"),
+        ("pretrain.max_steps_per_round=-1", "pretrain.max_steps_per_round"),
+        ("seed=-1", "seed"),
+        ("relay.max_rows_per_site=-5", "relay.max_rows_per_site"),
+        ("relay.max_rows=512", "pretrain.queue_size"),
+        ("data.image_size=[0,0]", "data.image_size"),
+        ("data.target_spacing=[0,1.5]", "data.target_spacing"),
+        ("data.augment.gamma=[0.7]", "data.augment.gamma"),
+        ("data.augment.crop_scale=[0.7,1.2]", "data.augment.crop_scale"),
+        ("model.channels=[16,0]", "model.channels"),
+        ("model.proj_hidden=0", "model.proj_hidden"),
+        ("model.in_channels=2", "model.in_channels"),
+        ("method=none", "method"),
+        ("finetune.federated_norm=local", "finetune.federated_norm"),
     ],
 )
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config([override])
     assert key in str(err.value)
+
+
+def test_cross_key_rules_accept_the_valid_combinations():
+    load_config(["method=none", "stages=[finetune]"])  # random init
+    load_config(["model.norm=batch", "finetune.federated_norm=local"])  # FedBN
+    load_config(["relay.max_rows=512", "relay.enabled=false"])  # no relay: banks never checked
+    with pytest.raises(ConfigError, match="finetune.init"):
+        load_config(["method=none", "stages=[finetune]", "finetune.init=local_pretrain"])
 
 
 def test_override_without_equals_is_rejected():
@@ -81,7 +108,7 @@ def test_yaml_round_trip_and_with_overrides():
 
 
 def test_a_stored_config_from_before_a_key_existed_takes_its_default():
-    text = config_to_yaml(load_config(["sites=3", "finetune.federated_norm=local"]))
+    text = config_to_yaml(load_config(["sites=3", "model.norm=batch", "finetune.federated_norm=local"]))
     older = "\n".join(line for line in text.splitlines() if "federated_norm" not in line)
     assert older != text
     cfg = config_from_yaml(older)

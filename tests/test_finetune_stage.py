@@ -404,7 +404,8 @@ def test_fingerprints_leave_out_added_keys_at_their_original_value() -> None:
     del before_the_key["pretrain"]["precision"]
     assert config_fingerprint(cfg) == config_fingerprint(OmegaConf.create(before_the_key))
     assert config_fingerprint(with_overrides(cfg, ["pretrain.precision=bfloat16"])) != config_fingerprint(cfg)
-    assert config_fingerprint(with_overrides(cfg, ["finetune.federated_norm=local"])) != config_fingerprint(cfg)
+    batch = with_overrides(cfg, ["model.norm=batch"])  # FedBN needs BatchNorm
+    assert config_fingerprint(with_overrides(batch, ["finetune.federated_norm=local"])) != config_fingerprint(batch)
     assert config_fingerprint(with_overrides(cfg, ["synthetic.anatomy_variation=2"])) != config_fingerprint(cfg)
     # a site's own pre-trained encoder does not depend on fine-tuning settings
     assert local_pretrain_fingerprint(with_overrides(cfg, ["finetune.lr=0.01"])) == local_pretrain_fingerprint(cfg)

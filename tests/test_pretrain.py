@@ -247,6 +247,6 @@ def test_evaluate_changes_nothing_and_is_repeatable(tmp_path: Path) -> None:
 
 
 def test_method_none_has_no_round(tmp_path: Path) -> None:
-    cfg = _cfg("method=none")
+    cfg = _cfg("method=none", "stages=[finetune]")  # with stages=[pretrain] the config itself is refused
     with pytest.raises(ValueError, match="no pre-training"):
         pretrain_round(initial_weights(cfg), None, _volumes(), cfg, tmp_path, 1)
