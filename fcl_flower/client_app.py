@@ -21,7 +21,7 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context, NDArrays, Scalar
 from omegaconf import DictConfig
 
-from fcl_flower.config import config_from_yaml
+from fcl_flower.config import config_from_yaml, relays_banks
 from fcl_flower.environment import ENVIRONMENT, environment_metric
 from fcl_flower.site import RoundStateStore, Site, resolve_site, split_holdout
 from fcl_flower.wire import SITE, bank_to_metrics, remote_bank_from_config
@@ -116,7 +116,7 @@ class FCLClient(_SiteClient):
             site = resolve_site(cfg, self.node_config)
         with failures_named(site.name):
             volumes = self._volumes(cfg, site, held_out=False)
-            remote = remote_bank_from_config(config) if cfg.relay.enabled else None
+            remote = remote_bank_from_config(config) if relays_banks(cfg) else None
             store = RoundStateStore(site.state_dir / "pretrain")
             work = store.checkout(server_round)
             called = time.time()
@@ -128,7 +128,7 @@ class FCLClient(_SiteClient):
             # message in -> first training step: process start, imports, data, model build, state load
             metrics["startup_seconds"] = called - self.started + result.metrics["setup_seconds"]
             metrics[ENVIRONMENT] = environment_metric()
-            if cfg.relay.enabled:  # with the relay off, no feature leaves the site
+            if relays_banks(cfg):  # otherwise no feature leaves the site
                 metrics.update(bank_to_metrics(result.bank_features, result.bank_partitions))
             return result.weights, result.num_samples, metrics
 

@@ -326,7 +326,7 @@ def _validate_federation(cfg: DictConfig) -> None:
         raise ConfigError("config key 'federation.fraction_fit': 0 asks no site to train, so no round would run")
     if "pretrain" in cfg.stages and cfg.method == "none":
         raise ConfigError("config key 'method': 'none' (random init) has no pre-training; use stages=[finetune]")
-    if cfg.method == "fcl" and cfg.relay.enabled and cfg.pretrain.queue_size > cfg.relay.max_rows:
+    if relays_banks(cfg) and cfg.pretrain.queue_size > cfg.relay.max_rows:
         raise ConfigError(f"config key 'pretrain.queue_size': {cfg.pretrain.queue_size} rows exceed 'relay.max_rows' = "
                           f"{cfg.relay.max_rows}, so the server would reject every bank")
 
@@ -386,6 +386,15 @@ def config_differences(a: DictConfig, b: DictConfig) -> list[str]:
 
     left, right = (flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
     return sorted(k.rstrip(".") for k in left.keys() | right.keys() if left.get(k) != right.get(k))
+
+
+def relays_banks(cfg: DictConfig) -> bool:
+    """Whether feature banks travel: the relay is on and the method uses the other sites' banks.
+
+    Only ``method=fcl`` with ``pretrain.use_feature_exchange`` does; for every other setting no
+    bank leaves a site, whatever ``relay.enabled`` says.
+    """
+    return bool(cfg.relay.enabled and cfg.method == "fcl" and cfg.pretrain.use_feature_exchange)
 
 
 def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:

@@ -61,6 +61,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fcl_flower import wire
+from fcl_flower.config import relays_banks
 
 RoundReport = dict[str, Any]
 
@@ -167,11 +168,11 @@ class FeatureExchange(Strategy):
     @classmethod
     def from_config(cls, strategy: Strategy, cfg: Any) -> FeatureExchange:
         """Build from the project config: ``cfg.relay``, ``cfg.model.proj_dim``,
-        ``cfg.data.num_partitions`` and ``cfg.seed``."""
+        ``cfg.data.num_partitions`` and ``cfg.seed``; enabled only where ``relays_banks(cfg)``."""
         relay = cfg.relay
         return cls(
             strategy,
-            enabled=bool(relay.enabled),
+            enabled=relays_banks(cfg),
             proj_dim=int(cfg.model.proj_dim),
             num_partitions=int(cfg.data.num_partitions),
             max_rows_per_site=int(relay.max_rows_per_site),

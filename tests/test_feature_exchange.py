@@ -559,6 +559,9 @@ def test_from_config_reads_relay_model_data_and_seed() -> None:
     )
     assert fx.float16 == cfg.relay.float16 and fx.max_rows == cfg.relay.max_rows
     assert fx.max_remote_rows == cfg.relay.max_remote_rows
+    # banks travel only where the method uses them, whatever relay.enabled says
+    for other in (["method=simclr"], ["method=rotation"], ["pretrain.use_feature_exchange=false"], ["relay.enabled=false"]):
+        assert not FeatureExchange.from_config(FedAvg(), load_config(other)).enabled, other
 
 
 @pytest.mark.parametrize(

@@ -87,11 +87,12 @@ def test_pretrain_client_fit_and_evaluate_on_generated_nifti(tiny_synthetic: Pat
         "round-00001", "round-00002"]
 
 
-def test_with_the_relay_off_no_feature_leaves_the_site(tiny_synthetic: Path, small_cfg, tmp_path: Path):
+@pytest.mark.parametrize("setting", ["relay.enabled=false", "method=simclr", "pretrain.use_feature_exchange=false"])
+def test_without_a_feature_exchange_no_feature_leaves_the_site(tiny_synthetic: Path, small_cfg, tmp_path: Path,
+                                                                setting: str):
     from fcl_flower.pretrain import initial_weights
 
-    cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run'}", "relay.enabled=false",
-                    *TINY)
+    cfg = small_cfg("sites=2", f"data.root={tiny_synthetic}", f"output_dir={tmp_path / 'run'}", setting, *TINY)
     client = StageClient({"partition-id": 0})
     message = {"config": config_to_yaml(cfg), "stage": "pretrain", "round": 1}
     weights, _, metrics = client.fit(initial_weights(cfg), message)
