@@ -250,9 +250,9 @@ class LocalDeployment:
 
     def follow(self, run_id: int, timeout: float | None = None, echo: Callable[[str], None] | None = None) -> str:
         """Stream the run's log to ``logs/run.log`` until it finishes; return its status."""
-        from fcl_flower.runner import progress_filter
+        from fcl_flower.runner import progress_filter, run_time_budget
 
-        budget = timeout or float(self.cfg.deploy.run_timeout) or 600 + self.cfg.rounds * (self.cfg.federation.round_timeout or 3600)
+        budget = timeout or float(self.cfg.deploy.run_timeout) or run_time_budget(self.cfg)
         return follow_run(run_id, CONNECTION, self.cli_env, self.logs / "run.log", budget, echo=echo or progress_filter, poll=5.0)
 
     def stop_stale_runs(self) -> list[int]:

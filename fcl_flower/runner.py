@@ -46,6 +46,22 @@ def app_dir() -> Path:
 RUN_OUTPUTS = ("rounds.jsonl", "rounds.csv", "curves.png", "checkpoints/", "encoder.pt", "finetune/")
 
 
+def run_time_budget(cfg: DictConfig) -> float:
+    """Seconds a run may take before its runner gives up (a watchdog bound, not an estimate).
+
+    600 s to start, each pre-training round at ``federation.round_timeout`` (1 h when none), and
+    the fine-tuning stage's ``stage_time_budget``.
+    """
+    from fcl_flower.finetune_stage import stage_time_budget
+
+    budget = 600.0
+    if "pretrain" in cfg.stages:
+        budget += cfg.rounds * float(cfg.federation.round_timeout or 3600)
+    if "finetune" in cfg.stages:
+        budget += stage_time_budget(cfg)
+    return budget
+
+
 def simulate(cfg: DictConfig) -> int:
     """Run ``cfg`` on the Ray simulation engine; 0 if it completed and wrote its outputs."""
     from fcl_flower.server_app import prepare_run
@@ -81,12 +97,7 @@ def simulate(cfg: DictConfig) -> int:
                 "client-resources-num-gpus": cfg.federation.client_gpus,
             },
         )
-        budget = 600 + cfg.rounds * (cfg.federation.round_timeout or 3600)
-        if "finetune" in cfg.stages:
-            from fcl_flower.finetune_stage import stage_time_budget
-
-            budget += stage_time_budget(cfg)
-        status = follow_run(run_id, CONNECTION, env, out / "logs" / "run.log", budget, echo=progress_filter)
+        status = follow_run(run_id, CONNECTION, env, out / "logs" / "run.log", run_time_budget(cfg), echo=progress_filter)
     except FlowerProcessError as exc:
         print(f"fcl-flower: {exc}", file=sys.stderr)
     finally:

@@ -307,6 +307,18 @@ def cfg_factory_free():
     return load_config()
 
 
+def test_run_time_budget_counts_the_stages_that_run() -> None:
+    from fcl_flower.config import load_config
+    from fcl_flower.finetune_stage import stage_time_budget
+    from fcl_flower.runner import run_time_budget
+
+    both = load_config(["rounds=4", "federation.round_timeout=10", "stages=[pretrain,finetune]"])
+    assert run_time_budget(load_config(["rounds=4", "federation.round_timeout=10"])) == 600 + 4 * 10
+    assert run_time_budget(both) == 600 + 4 * 10 + stage_time_budget(both)
+    assert run_time_budget(load_config(["rounds=4", "federation.round_timeout=10", "stages=[finetune]"])) == (
+        600 + stage_time_budget(both))
+
+
 def test_stage_time_budget_bounds_every_message() -> None:
     from fcl_flower.config import load_config
     from fcl_flower.finetune_stage import stage_time_budget
