@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 BIN_DIR = Path(sys.executable).parent
+ERROR_LINE = re.compile(r"^[\w.]+(Error|Exception): \S")  # a traceback's last line
 
 
 class FlowerProcessError(RuntimeError):
@@ -278,13 +280,25 @@ def _pump(stream: TextIO, log_path: Path, echo: Callable[[str], None] | None) ->
                 echo(line.rstrip("\n"))
 
 
+def last_error(log: Path) -> str | None:
+    """The last Python exception line (``SomeError: message``) of a run's log, or None."""
+    if not log.is_file():
+        return None
+    errors = [line.strip() for line in log.read_text(errors="replace").splitlines() if ERROR_LINE.match(line.strip())]
+    return errors[-1] if errors else None
+
+
 def report_outcome(status: str, completed: bool, logs: Path) -> int:
-    """0 if the run finished completed *and* wrote its summary; else say why on stderr, 1."""
+    """0 if the run finished completed *and* wrote its summary; else say why on stderr, 1.
+
+    The reason includes the last exception the run's log (``logs/run.log``) shows, if any.
+    """
     if status == "finished:completed" and completed:
         return 0
+    error = last_error(logs / "run.log")
     print(
-        f"fcl-flower: run did not complete (status {status}, summary {'complete' if completed else 'missing'}); "
-        f"see {logs}", file=sys.stderr,
+        f"fcl-flower: run did not complete (status {status}, summary {'complete' if completed else 'missing'})"
+        + (f"; last error: {error}" if error else "") + f"; see {logs}", file=sys.stderr,
     )
     return 1
 

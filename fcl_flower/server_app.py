@@ -99,9 +99,17 @@ class FCLServer(Server):
             return 0
         saved = config_from_yaml(ckpt.meta["config"])
         changed = [k for k in config_differences(saved, self.cfg) if k not in ("resume", "rounds")]
+        weights = unpack_arrays("weights", ckpt.arrays)
+        if [w.shape for w in weights] != [w.shape for w in initial_weights(self.cfg)]:
+            model_keys = [k for k in changed if k.startswith(("model.", "data.spatial_dims", "data.slab_depth"))]
+            raise ConfigError(
+                f"{self.ckpt_dir}: the checkpoint holds another model than this config builds (it differs in "
+                f"{', '.join(model_keys or changed) or 'nothing the config names'}); resume with the checkpoint's "
+                "settings or start the run in another output_dir"
+            )
         if changed:
             log(WARNING, "resuming with a config that differs from the checkpoint's in %s", ", ".join(changed))
-        self.parameters = ndarrays_to_parameters(unpack_arrays("weights", ckpt.arrays))
+        self.parameters = ndarrays_to_parameters(weights)
         wrapped = self.relay.strategy
         for attr in STRATEGY_STATE_ATTRS:
             value = unpack_arrays(f"strategy.{attr}", ckpt.arrays)

@@ -131,3 +131,26 @@ def test_a_failure_without_a_node_is_named_after_the_site_that_returned_nothing(
     named = ValueError("... Message: [site=site_02] DataError: /x: truncated'>")
     record = server._round_record(1, "pretrain", [], [killed, named], None, 1.0)
     assert sorted(f["site"] for f in record["failures"]) == ["site_01", "site_02"]
+
+
+def test_resuming_with_another_model_is_refused_naming_the_keys(small_cfg, tmp_path: Path):
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.strategy import FedAvg
+
+    from fcl_flower.config import ConfigError
+    from fcl_flower.pretrain import initial_weights
+    from fcl_flower.server_app import FCLServer
+    from strategies.feature_exchange import FeatureExchange
+
+    def server(*overrides: str) -> FCLServer:
+        cfg = small_cfg(f"output_dir={tmp_path / 'run'}", *TINY, *overrides)
+        return FCLServer(cfg, FeatureExchange.from_config(FedAvg(), cfg))
+
+    first = server()
+    first.parameters = ndarrays_to_parameters(initial_weights(first.cfg))
+    first._save(2, "pretrain")
+    assert server("resume=true", "rounds=5", "pretrain.lr=0.01")._restore() == 2  # a changed setting only warns
+    with pytest.raises(ConfigError, match=r"checkpoint holds another model.*model\.channels"):
+        server("resume=true", "model.channels=[8,16,32,64]")._restore()
+    with pytest.raises(ConfigError, match=r"model\.proj_dim"):
+        server("resume=true", "model.proj_dim=8")._restore()
