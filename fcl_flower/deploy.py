@@ -54,6 +54,11 @@ def site_data_dirs(cfg: DictConfig, sites: int) -> dict[str, Path]:
         names = list(json.loads(manifest.read_text()).get("sites", []))
     else:
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if (root / "dataset.json").is_file() or any(re.fullmatch(r"patient\d+", name) for name in names):
+            raise FlowerProcessError(
+                f"data.root={root} is one dataset, not one folder per site: deploy-local gives each SuperNode "
+                "one site folder, so split it into site folders first (simulate can split one dataset by data.split)"
+            )
     if len(names) < sites:
         raise FlowerProcessError(
             f"deploy-local needs {sites} site folders under data.root={root}, found {len(names)}: {names}"

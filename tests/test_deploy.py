@@ -279,3 +279,13 @@ def test_site_data_dirs_follow_the_manifest(tmp_path):
     assert list(site_data_dirs(cfg, 2)) == ["site_01", "site_00"]
     with pytest.raises(FlowerProcessError, match="needs 4 site folders"):
         site_data_dirs(cfg, 4)
+    # one ACDC dataset (patient folders) or one MSD task is not a folder per site
+    acdc = tmp_path / "acdc"
+    for name in ("patient001", "patient002"):
+        (acdc / name).mkdir(parents=True)
+    msd = tmp_path / "msd"
+    (msd / "imagesTr").mkdir(parents=True)
+    (msd / "dataset.json").write_text("{}")
+    for root in (acdc, msd):
+        with pytest.raises(FlowerProcessError, match="one dataset, not one folder per site"):
+            site_data_dirs(load_config([f"data.root={root}", "data.format=acdc"]), 2)
