@@ -52,6 +52,7 @@ from fcl_flower.finetune import (
 )
 from fcl_flower.models import encoder_from_weights, load_encoder
 from fcl_flower.pretrain import initial_weights
+from strategies.feature_exchange import screen_updates
 
 if TYPE_CHECKING:
     from fcl_flower.server_app import FCLServer
@@ -246,10 +247,11 @@ class FinetuneStage:
     def _local_pretrain(self) -> list[np.ndarray]:
         """Every site pre-trains alone; returns the sample-weighted mean of their encoder + head weights."""
         t0 = time.perf_counter()
-        results, failures = self._fit_all(
-            ndarrays_to_parameters(initial_weights(self.cfg)), {"task": "local_pretrain"}, self.cfg.finetune.local_timeout
-        )
-        self._report_failures("local pre-training", failures)
+        start = initial_weights(self.cfg)
+        results, failures = self._fit_all(ndarrays_to_parameters(start), {"task": "local_pretrain"},
+                                          self.cfg.finetune.local_timeout)
+        results, rejected = screen_updates(results, [a.shape for a in start])
+        self._report_failures("local pre-training", [*failures, *rejected])
         self.upstream.append(self._environment(results))
         if not results:
             raise RuntimeError("local pre-training failed on every site")
@@ -257,7 +259,7 @@ class FinetuneStage:
         losses = ", ".join(f"{res.metrics['site']} {float(res.metrics['loss']):.3f}" for _, res in results)
         self.server.recorder.echo(
             f"[fcl] finetune local pre-training ({self.cfg.method}, {self.cfg.rounds} rounds per site, alone) | "
-            f"sites {len(results)} ok {len(failures)} failed | loss {losses} | {time.perf_counter() - t0:.1f} s"
+            f"sites {len(results)} ok {len(failures) + len(rejected)} failed | loss {losses} | {time.perf_counter() - t0:.1f} s"
         )
         return average_weights(weights, [res.num_examples for _, res in results])
 
@@ -346,7 +348,8 @@ class FinetuneStage:
                 t_round = time.perf_counter()
                 extra = {**sequence, "round": rnd}
                 results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout)
-                round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", failures)
+                results, rejected = screen_updates(results, [a.shape for a in weights])
+                round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", [*failures, *rejected])
                 described += round_failures
                 environments.append(self._environment(results))
                 if results:
@@ -366,7 +369,7 @@ class FinetuneStage:
                 loss_text = f"{record['loss']:.4f}" if record["loss"] is not None else "n/a"
                 self.server.recorder.echo(
                     f"[fcl] finetune federated N={n} fold {fold} round {rnd}/{ft.rounds} | loss {loss_text} | "
-                    f"sites {len(results)} ok {len(failures)} failed | {record['seconds']:.1f} s"
+                    f"sites {len(results)} ok {len(round_failures)} failed | {record['seconds']:.1f} s"
                 )
             results, failures = self._evaluate_all(ndarrays_to_parameters(weights), {**sequence, "round": ft.rounds})
             described += self._report_failures(f"federated N={n} fold {fold} evaluation", failures)

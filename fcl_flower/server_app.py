@@ -178,7 +178,8 @@ class FCLServer(Server):
                 name = str(eres.metrics.get("site", "?"))
                 if name in sites:
                     sites[name]["eval_loss"] = eres.loss
-        failed = [describe_failure(f) for f in failures]
+        # Flower's failures, then the updates the relay refused to average (named "[site=...] update rejected: ...")
+        failed = [describe_failure(f) for f in [*failures, *map(ValueError, report.get("rejected_updates", []))]]
         # Flower's failure exceptions carry no node: name the unnamed ones after the
         # sampled sites that neither returned a result nor a named failure.
         named = {f["site"] for f in failed}

@@ -1,4 +1,5 @@
-"""Wire format of the feature banks that travel between sites and the server.
+"""Wire format of the feature banks that travel between sites and the server, and the check of
+the weights a site sends back (``update_problem``).
 
 Numpy only (no Flower, no torch): the client adapter and the server strategy both use
 it. Arrays travel as ``.npy`` bytes written and read with ``allow_pickle=False``, so a
@@ -173,3 +174,26 @@ def remote_bank_from_config(
     if features.dtype not in (np.float16, np.float32) or partitions.dtype.kind not in "iu":
         raise ValueError(f"remote bank has dtypes {features.dtype}/{partitions.dtype}")
     return features.astype(np.float32), partitions.astype(np.int64)
+
+
+def update_problem(arrays: list[np.ndarray], num_examples: int, reference: list[tuple[int, ...]]) -> str | None:
+    """Why a site's returned weights cannot be averaged into the global model, or None.
+
+    Args:
+        arrays: the weights the site sent back.
+        num_examples: its FedAvg weight.
+        reference: the shapes of the weights the server sent, in order.
+
+    A wrong number of arrays, a wrong shape, a NaN or Inf, or a weight below 1 is a problem:
+    averaged in, any of them would crash the aggregation or spoil every site's model.
+    """
+    if num_examples < 1:
+        return f"num_examples is {num_examples}"
+    if len(arrays) != len(reference):
+        return f"{len(arrays)} weight arrays, expected {len(reference)}"
+    for i, (array, shape) in enumerate(zip(arrays, reference, strict=True)):
+        if array.shape != tuple(shape):
+            return f"weight array {i} has shape {array.shape}, expected {tuple(shape)}"
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return f"weight array {i} holds NaN or Inf"
+    return None

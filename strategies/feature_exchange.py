@@ -28,6 +28,12 @@ round's fit config, so the client can resolve its site; the reply is
 ``{"site": name}``). A proxy that does not answer gets no remote bank for that round,
 since its own bank could not be excluded.
 
+Refused updates. A result whose weights do not fit the model sent that round (another number
+of arrays, another shape, NaN or Inf, ``num_examples`` below 1) is left out of the aggregation,
+bank included, so one diverged or misconfigured site cannot crash the round or spoil the
+global model; it counts as that site's failure (``screen_updates``). Federated fine-tuning
+screens its rounds the same way.
+
 Rejected banks. An incoming bank that fails validation is logged (WARNING, naming the
 site and the reason), recorded in the round report and not stored; it never reaches
 other sites and the round goes on. The site's previous valid bank, if any, is *kept*,
@@ -54,7 +60,9 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar
+from flwr.common import (
+    EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar, parameters_to_ndarrays,
+)
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -84,6 +92,27 @@ class _RoundRecord:
     server_round: int
     down: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped_stale: list[str] = field(default_factory=list)
+    reference: list[tuple[int, ...]] | None = None  # shapes of the global weights sent this round
+
+
+def screen_updates(
+    results: list[tuple[ClientProxy, FitRes]], reference: list[tuple[int, ...]]
+) -> tuple[list[tuple[ClientProxy, FitRes]], list[ValueError]]:
+    """Split results into those whose weights can be averaged and, for the others, a failure each.
+
+    A failure reads ``[site=<name>] update rejected: <problem>`` (``wire.update_problem``), so the
+    server reports it under the site's name; the round goes on with the rest.
+    """
+    kept, rejected = [], []
+    for proxy, res in results:
+        problem = wire.update_problem(parameters_to_ndarrays(res.parameters), res.num_examples, reference)
+        if problem is None:
+            kept.append((proxy, res))
+            continue
+        site = res.metrics.get(wire.SITE) or f"node:{proxy.cid}"
+        log(WARNING, "update of site %s (node %s) rejected: %s", site, proxy.cid, problem)
+        rejected.append(ValueError(f"[site={site}] update rejected: {problem}"))
+    return kept, rejected
 
 
 def _parameters_nbytes(parameters: Parameters) -> int:
@@ -234,7 +263,8 @@ class FeatureExchange(Strategy):
         the wrapped config unchanged (no ``remote.*`` keys).
         """
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
-        record = _RoundRecord(server_round, dropped_stale=self._drop_stale(server_round))
+        record = _RoundRecord(server_round, dropped_stale=self._drop_stale(server_round),
+                              reference=[a.shape for a in parameters_to_ndarrays(parameters)])
         if not instructions:  # Flower skips aggregate_fit: the round's report is final now
             self._pending = None
             self._last_report = self._report(record, {}, [], 0)
@@ -275,14 +305,18 @@ class FeatureExchange(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Store the valid banks, then aggregate with the wrapped strategy.
 
-        The wrapped strategy gets the same results with the ``bank.*`` metrics removed
-        (``site`` and all other metrics stay).
+        Results whose weights do not fit the model sent this round (``screen_updates``) are
+        left out, bank included, and listed in the round report's ``rejected_updates``. The
+        wrapped strategy gets the other results with the ``bank.*`` metrics removed (``site``
+        and all other metrics stay).
         """
         record = self._pending
         if record is None or record.server_round != server_round:
             record = _RoundRecord(server_round)
         self._pending = None
-        self.fit_failures += len(failures)
+        kept, rejected_updates = screen_updates(results, record.reference) if record.reference else (results, [])
+        kept_ids = {id(res) for _, res in kept}
+        self.fit_failures += len(failures) + len(rejected_updates)
         names = [self._reported_site(proxy, res) for proxy, res in results]
         name_counts = Counter(name for name in names if name is not None)
         up: dict[str, dict[str, Any]] = {}
@@ -299,14 +333,17 @@ class FeatureExchange(Strategy):
                 "bank_rows": 0,
             }
             up[proxy.cid] = entry
+            if site is not None:
+                self._learn_site(proxy.cid, site)
+            if id(res) not in kept_ids:  # weights that cannot be averaged: the bank is not used either
+                entry["bank"] = "ignored"
+                continue
             stripped.append((proxy, FitRes(
                 status=res.status,
                 parameters=res.parameters,
                 num_examples=res.num_examples,
                 metrics={k: v for k, v in res.metrics.items() if k not in wire.BANK_KEYS},
             )))
-            if site is not None:
-                self._learn_site(proxy.cid, site)
             if not self.enabled:
                 if any(key in res.metrics for key in wire.BANK_KEYS):
                     entry["bank"] = "ignored"
@@ -337,8 +374,9 @@ class FeatureExchange(Strategy):
         # Results arrive in completion order; a fixed order makes the floating-point sum
         # of the aggregation, and so a resumed run, reproducible.
         stripped.sort(key=lambda item: (str(item[1].metrics.get(wire.SITE, "")), item[0].cid))
-        parameters, metrics = self.strategy.aggregate_fit(server_round, stripped, failures)
-        self._last_report = self._report(record, up, rejected, len(failures))
+        parameters, metrics = self.strategy.aggregate_fit(server_round, stripped, [*failures, *rejected_updates])
+        self._last_report = self._report(record, up, rejected, len(failures) + len(rejected_updates))
+        self._last_report["rejected_updates"] = [str(exc) for exc in rejected_updates]
         return parameters, metrics
 
     # ------------------------------------------------------------------ accounting
@@ -353,7 +391,9 @@ class FeatureExchange(Strategy):
         (rows stored); ``rejected``: list of ``{site, cid, reason}``; ``dropped_stale``:
         sites whose bank was dropped at the start of the round; ``stored``: site ->
         ``{rows, round}`` of every bank held after the round; ``failures``: number of
-        failures; ``totals``: the byte and row fields summed over sites.
+        failures, refused updates included; ``rejected_updates``: one ``[site=<name>] update
+        rejected: <problem>`` per result left out of the aggregation; ``totals``: the byte and
+        row fields summed over sites.
         ``None`` before the first round. A round in which no client was sampled (Flower
         then skips ``aggregate_fit``) gets a report with empty ``sites``.
         """

@@ -17,6 +17,7 @@ from flwr.common import (
     Parameters,
     Status,
     ndarrays_to_parameters,
+    parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -343,6 +344,39 @@ def test_fedprox_mu_reaches_the_sites_beside_the_remote_bank() -> None:
     for _, ins in instructions:
         assert ins.config["proximal_mu"] == 0.5 and ins.config["round"] == 2
         assert ins.config[wire.REMOTE_ROWS] > 0
+
+
+def test_updates_that_cannot_be_averaged_are_left_out_and_named() -> None:
+    fx = relay()
+    cm, proxies = manager(list(CIDS.values()))
+    good = [np.full((3, 2), 2.0, np.float32), np.full(5, 2.0, np.float32)]
+    broken = {
+        "B": fit_res("B", BANKS["B"], weights=[np.zeros((2, 3), np.float32), np.zeros(5, np.float32)]),
+        "C": fit_res("C", BANKS["C"], weights=[np.full((3, 2), np.nan, np.float32), np.zeros(5, np.float32)]),
+    }
+    instructions = fx.configure_fit(1, ndarrays_to_parameters(WEIGHTS), cm)
+    assert len(instructions) == 3
+    params, _ = fx.aggregate_fit(1, [(proxies[CIDS["A"]], fit_res("A", BANKS["A"], weights=good)),
+                                     *((proxies[CIDS[s]], res) for s, res in broken.items())], [])
+    assert params is not None
+    for array, expected in zip(parameters_to_ndarrays(params), good):  # A's weights alone
+        np.testing.assert_array_equal(array, expected)
+    report = fx.last_round_report()
+    assert report["rejected_updates"] == [
+        "[site=B] update rejected: weight array 0 has shape (2, 3), expected (3, 2)",
+        "[site=C] update rejected: weight array 0 holds NaN or Inf",
+    ]
+    assert report["failures"] == 2 and sorted(report["stored"]) == ["A"]  # no bank from a refused update
+    assert report["sites"]["B"]["returned"] and report["sites"]["B"]["bank"] == "ignored"
+
+
+def test_update_problem_names_each_defect() -> None:
+    ref = [(3, 2), (5,)]
+    ok = [np.zeros((3, 2), np.float32), np.zeros(5, np.int64)]
+    assert wire.update_problem(ok, 4, ref) is None
+    assert wire.update_problem(ok, 0, ref) == "num_examples is 0"
+    assert wire.update_problem(ok[:1], 4, ref) == "1 weight arrays, expected 2"
+    assert wire.update_problem([ok[0], np.full(5, np.inf)], 4, ref) == "weight array 1 holds NaN or Inf"
 
 
 def test_site_mapping_follows_a_restarted_supernode() -> None:

@@ -249,6 +249,29 @@ def test_stage_reports_a_failing_site_and_leaves_the_cell_incomplete(cfg_factory
     assert healed.calls.count(("fit", "local")) == 2
 
 
+def test_a_site_whose_federated_update_cannot_be_averaged_is_left_out(cfg_factory, monkeypatch) -> None:
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+    cfg = cfg_factory("finetune.tasks=[federated]", "finetune.run_folds=1", "finetune.rounds=1")
+    fit = InProcessProxy.fit
+
+    def site_01_diverges(self, ins, timeout, group_id):
+        res = fit(self, ins, timeout, group_id)
+        if self.cid == "1001":
+            res.parameters = ndarrays_to_parameters([np.full_like(a, np.nan) for a in parameters_to_ndarrays(res.parameters)])
+        return res
+
+    monkeypatch.setattr(InProcessProxy, "fit", site_01_diverges)
+    server = StubServer(cfg)
+    assert run_finetune_stage(server, None) == 1
+    cell = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"]["federated/1"]
+    assert not cell["complete"]
+    assert cell["failures"] == [{"site": "site_01", "reason": "update rejected: weight array 0 holds NaN or Inf"}]
+    # the model averaged from site_00 alone is scored on both sites, with finite Dice
+    assert sorted(cell["sites"]) == ["site_00", "site_01"]
+    assert all(np.isfinite(site["dice"]) for site in cell["sites"].values())
+
+
 def test_local_pretrain_init(cfg_factory, monkeypatch) -> None:
     cfg = cfg_factory("method=local_cl", "finetune.init=local_pretrain", "rounds=1", "pretrain.batch_volumes=2",
                       "pretrain.max_steps_per_round=1", "finetune.run_folds=1", "finetune.rounds=1")

@@ -126,11 +126,13 @@ def test_a_failure_without_a_node_is_named_after_the_site_that_returned_nothing(
     cfg = small_cfg(f"output_dir={tmp_path / 'run'}", "sites=3")
     server = FCLServer(cfg, FeatureExchange.from_config(FedAvg(), cfg))
     server.relay.last_round_report = lambda: {"sites": {
-        "site_00": {"returned": True}, "site_01": {"returned": False}, "site_02": {"returned": False}}}
+        "site_00": {"returned": True}, "site_01": {"returned": False}, "site_02": {"returned": False}},
+        "rejected_updates": ["[site=site_00] update rejected: weight array 0 holds NaN or Inf"]}
     killed = ValueError("Message contains an Error (reason: node went away)")  # what Flower reports
     named = ValueError("... Message: [site=site_02] DataError: /x: truncated'>")
     record = server._round_record(1, "pretrain", [], [killed, named], None, 1.0)
-    assert sorted(f["site"] for f in record["failures"]) == ["site_01", "site_02"]
+    assert sorted(f["site"] for f in record["failures"]) == ["site_00", "site_01", "site_02"]
+    assert {"site": "site_00", "reason": "update rejected: weight array 0 holds NaN or Inf"} in record["failures"]
 
 
 def test_resuming_with_another_model_is_refused_naming_the_keys(small_cfg, tmp_path: Path):
