@@ -41,8 +41,8 @@ def app_dir() -> Path:
     return APP_DIR
 
 
-# What a completed run may have written, in the order the closing line names them (pre-training: the
-# first five; the fine-tuning stage: finetune/).
+# What a completed run may have written, in the order the closing line names them (curves.png: every
+# run; finetune/: the fine-tuning stage; the rest: pre-training).
 RUN_OUTPUTS = ("rounds.jsonl", "rounds.csv", "curves.png", "checkpoints/", "encoder.pt", "finetune/")
 
 
