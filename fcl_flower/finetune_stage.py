@@ -52,6 +52,7 @@ from fcl_flower.finetune import (
 )
 from fcl_flower.models import encoder_from_weights, load_encoder
 from fcl_flower.pretrain import initial_weights
+from fcl_flower.wire import SITE, result_problem
 from strategies.feature_exchange import screen_updates
 
 if TYPE_CHECKING:
@@ -97,6 +98,49 @@ def site_stats(sites: dict[str, dict[str, Any]], keys: Sequence[str]) -> tuple[d
         mean[key] = float(values.mean()) if len(values) else float("nan")
         std[key] = float(values.std()) if len(values) else float("nan")
     return mean, std
+
+
+def screen_results(
+    results: list[tuple[ClientProxy, Any]], required: Sequence[str]
+) -> tuple[list[tuple[ClientProxy, Any]], list[ValueError]]:
+    """Split one message's results into usable ones and, for the others, a failure each.
+
+    A result needs its own site name and every ``required`` metric as a number
+    (``wire.result_problem``); a failure reads ``[site=<name>] result rejected: <problem>``, so it
+    is reported under the site's name and the other sites' results are kept.
+    """
+    kept, rejected, taken = [], [], set()
+    for proxy, res in results:
+        problem = result_problem(res.metrics, required, taken)
+        if problem is None:
+            taken.add(res.metrics[SITE])
+            kept.append((proxy, res))
+        else:
+            site = res.metrics.get(SITE)
+            rejected.append(ValueError(f"[site={site if isinstance(site, str) and site else f'node:{proxy.cid}'}] "
+                                       f"result rejected: {problem}"))
+    return kept, rejected
+
+
+def parse_local_results(res: Any, budgets: Sequence[int], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A site's local k-fold cells, ``{str(N): cell}`` from its ``metrics["results"]`` JSON (messages without quotes,
+    as ``wire.result_problem``'s).
+
+    Raises:
+        ValueError: not JSON, a budget without a cell, or a cell metric that is not a number.
+    """
+    try:
+        cells = json.loads(str(res.metrics.get("results")))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the results metric is not JSON ({exc.msg} at character {exc.pos})") from None
+    for n in budgets:
+        cell = cells.get(str(n)) if isinstance(cells, dict) else None
+        if not isinstance(cell, dict):
+            raise ValueError(f"the results metric has no cell for N = {n}")
+        bad = [k for k in keys if k in cell and (isinstance(cell[k], bool) or not isinstance(cell[k], (int, float)))]
+        if bad:
+            raise ValueError(f"the results metric for N = {n} has non-numbers in {', '.join(bad)}")
+    return cells
 
 
 class ResultsStore:
@@ -249,7 +293,7 @@ class FinetuneStage:
         t0 = time.perf_counter()
         start = initial_weights(self.cfg)
         results, failures = self._fit_all(ndarrays_to_parameters(start), {"task": "local_pretrain"},
-                                          self.cfg.finetune.local_timeout)
+                                          self.cfg.finetune.local_timeout, required=("loss",))
         results, rejected = screen_updates(results, [a.shape for a in start])
         self._report_failures("local pre-training", [*failures, *rejected])
         self.upstream.append(self._environment(results))
@@ -273,19 +317,23 @@ class FinetuneStage:
         self.group += 1
         return self.group
 
-    def _fit_all(self, parameters, extra: dict[str, Any], timeout: float | None):
+    def _fit_all(self, parameters, extra: dict[str, Any], timeout: float | None, required: Sequence[str] = ()):
+        """Every site's fit; results without a site name or a ``required`` metric become failures."""
         ins = FitIns(parameters, {**self.message, "round": 0, **extra})
         results, failures = fit_clients(
             [(proxy, ins) for proxy in self._clients()], self.server.max_workers, timeout, self._next_group()
         )
-        return sorted(results, key=lambda r: str(r[1].metrics.get("site", ""))), failures
+        results, rejected = screen_results(results, required)
+        return sorted(results, key=lambda r: str(r[1].metrics[SITE])), [*failures, *rejected]
 
     def _evaluate_all(self, parameters, extra: dict[str, Any]):
+        """Every site's evaluation; results without a site name or a metric of ``metric_keys`` become failures."""
         ins = EvaluateIns(parameters, {**self.message, "round": 0, **extra})
         results, failures = evaluate_clients(
             [(proxy, ins) for proxy in self._clients()], self.server.max_workers, self.timeout, self._next_group()
         )
-        return sorted(results, key=lambda r: str(r[1].metrics.get("site", ""))), failures
+        results, rejected = screen_results(results, metric_keys(self.cfg.model.num_classes))
+        return sorted(results, key=lambda r: str(r[1].metrics[SITE])), [*failures, *rejected]
 
     def _report_failures(self, what: str, failures: list[Any]) -> list[dict[str, str]]:
         from fcl_flower.server_app import describe_failure
@@ -326,8 +374,15 @@ class FinetuneStage:
             {"task": "local", "n_labeled": ",".join(str(n) for n in budgets)},
             self.cfg.finetune.local_timeout,
         )
-        described = self._report_failures("local", failures)
-        per_site = {str(res.metrics["site"]): json.loads(str(res.metrics["results"])) for _, res in results}
+        keys = metric_keys(self.cfg.model.num_classes)
+        per_site, unreadable = {}, []
+        for proxy, res in results:
+            try:
+                per_site[res.metrics[SITE]] = parse_local_results(res, budgets, keys)
+            except ValueError as exc:  # that site's cells are lost, the others' are kept
+                unreadable.append(ValueError(f"[site={res.metrics[SITE]}] result rejected: {exc}"))
+        results = [(proxy, res) for proxy, res in results if res.metrics[SITE] in per_site]
+        described = self._report_failures("local", [*failures, *unreadable])
         environment = merge_records([*self.upstream, self._environment(results)])
         for n in budgets:
             sites = {site: cells[str(n)] for site, cells in per_site.items()}
@@ -338,6 +393,7 @@ class FinetuneStage:
         ft = self.cfg.finetune
         t0 = time.perf_counter()
         folds = ft.run_folds or ft.folds  # the first run_folds folds, as in local fine-tuning
+        keys = metric_keys(self.cfg.model.num_classes)
         per_site: dict[str, dict[str, Any]] = {}
         described: list[dict[str, str]] = []
         environments: list[EnvironmentRecord] = []
@@ -347,7 +403,7 @@ class FinetuneStage:
             for rnd in range(1, ft.rounds + 1):
                 t_round = time.perf_counter()
                 extra = {**sequence, "round": rnd}
-                results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout)
+                results, failures = self._fit_all(ndarrays_to_parameters(weights), extra, self.timeout, required=("loss",))
                 results, rejected = screen_updates(results, [a.shape for a in weights])
                 round_failures = self._report_failures(f"federated N={n} fold {fold} round {rnd}", [*failures, *rejected])
                 described += round_failures
@@ -375,10 +431,9 @@ class FinetuneStage:
             described += self._report_failures(f"federated N={n} fold {fold} evaluation", failures)
             environments.append(self._environment(results))
             for _, res in results:
-                site = str(res.metrics["site"])
-                row = {k: float(v) for k, v in res.metrics.items() if k not in ("site", ENVIRONMENT)}
-                per_site.setdefault(site, {"folds": []})["folds"].append({"fold": fold, **row, "volumes": res.num_examples})
-        keys = metric_keys(self.cfg.model.num_classes)
+                row = {k: float(res.metrics[k]) for k in keys}
+                per_site.setdefault(res.metrics[SITE], {"folds": []})["folds"].append(
+                    {"fold": fold, **row, "volumes": res.num_examples})
         for site, entry in per_site.items():
             for key in keys:
                 values = np.array([f.get(key, np.nan) for f in entry["folds"]], dtype=np.float64)

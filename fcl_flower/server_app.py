@@ -10,6 +10,7 @@ built elsewhere; this module only wires them to Flower.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shlex
@@ -191,8 +192,10 @@ class FCLServer(Server):
         if len(unnamed) == len(missing):
             for failure, name in zip(unnamed, missing):
                 failure["site"] = name
-        n = sum(s.get("samples", 0) or 0 for s in sites.values())
-        loss = sum(s["loss"] * (s.get("samples", 0) or 0) for s in sites.values() if "loss" in s) / n if n else None
+        # the samples-weighted mean over the sites that report a (finite) loss and a positive sample count
+        weighted = [(s["loss"], s["samples"]) for s in sites.values() if "loss" in s and s.get("samples", 0) > 0]
+        n = sum(w for _, w in weighted)
+        loss = sum(value * w for value, w in weighted) / n if n else None
         return {
             "round": server_round,
             "stage": stage,
@@ -230,14 +233,22 @@ class FCLServer(Server):
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, int | float]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The finite numbers among a site's metrics (a string, a NaN or a byte string from a site is left out)."""
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def weighted_metrics(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:
-    """Example-weighted mean of every numeric metric the sites reported (Flower's hook)."""
-    total = sum(n for n, _ in metrics)
-    keys = sorted({k for _, m in metrics for k in _numbers(m)})
-    return {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in keys} if total else {}
+    """Flower's hook: for each metric, the example-weighted mean over the sites that reported it as a
+    finite number, so one site's malformed value cannot fail the aggregation."""
+    numbers = [(n, _numbers(m)) for n, m in metrics]
+    out = {}
+    for key in sorted({k for _, m in numbers for k in m}):
+        pairs = [(n, m[key]) for n, m in numbers if key in m]
+        total = sum(n for n, _ in pairs)
+        if total:
+            out[key] = sum(n * value for n, value in pairs) / total
+    return out
 
 
 def describe_failure(failure: Any) -> dict[str, str]:

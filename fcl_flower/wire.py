@@ -1,5 +1,5 @@
-"""Wire format of the feature banks that travel between sites and the server, and the check of
-the weights a site sends back (``update_problem``).
+"""Wire format of the feature banks that travel between sites and the server, and the checks of
+what a site sends back: its weights (``update_problem``) and its metrics (``result_problem``).
 
 Numpy only (no Flower, no torch): the client adapter and the server strategy both use
 it. Arrays travel as ``.npy`` bytes written and read with ``allow_pickle=False``, so a
@@ -24,7 +24,7 @@ Server to client, in ``FitIns.config`` (all four keys absent: no remote bank thi
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,7 +185,8 @@ def update_problem(arrays: list[np.ndarray], num_examples: int, reference: list[
         reference: the shapes of the weights the server sent, in order.
 
     A wrong number of arrays, a wrong shape, a NaN or Inf, or a weight below 1 is a problem:
-    averaged in, any of them would crash the aggregation or spoil every site's model.
+    averaged in, any of them would crash the aggregation or spoil every site's model. The
+    messages hold no quotes: the server reads a failure's reason up to the first quote.
     """
     if num_examples < 1:
         return f"num_examples is {num_examples}"
@@ -196,4 +197,26 @@ def update_problem(arrays: list[np.ndarray], num_examples: int, reference: list[
             return f"weight array {i} has shape {array.shape}, expected {tuple(shape)}"
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             return f"weight array {i} holds NaN or Inf"
+    return None
+
+
+def result_problem(metrics: Mapping[str, Any], required: Sequence[str], taken: set[str]) -> str | None:
+    """Why the server cannot use a site's result, or None.
+
+    Args:
+        metrics: the result's metrics.
+        required: metrics that must be numbers (int or float; NaN allowed).
+        taken: site names already used by other results of the same message.
+
+    The messages hold no quotes (see ``update_problem``).
+    """
+    site = metrics.get(SITE)
+    if not isinstance(site, str) or not site:
+        return f"no site name (the {SITE} metric is {type(site).__name__}, not a non-empty str)"
+    if site in taken:
+        return f"another result of this message already reported site {site}"
+    for key in required:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"the {key} metric is {type(value).__name__}, not a number"
     return None

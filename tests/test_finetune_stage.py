@@ -23,7 +23,9 @@ from fcl_flower.client_app import SiteFailure, StageClient
 from fcl_flower.config import config_to_yaml
 from fcl_flower.environment import compute_environment, environment_id
 from fcl_flower.finetune import initial_unet_weights, metric_keys
-from fcl_flower.finetune_stage import RESULTS_CSV, RESULTS_JSON, run_finetune_stage
+from fcl_flower.finetune_stage import (
+    RESULTS_CSV, RESULTS_JSON, parse_local_results, run_finetune_stage, screen_results,
+)
 from fcl_flower.models import build_encoder, save_encoder
 
 torch.set_num_threads(1)
@@ -270,6 +272,55 @@ def test_a_site_whose_federated_update_cannot_be_averaged_is_left_out(cfg_factor
     # the model averaged from site_00 alone is scored on both sites, with finite Dice
     assert sorted(cell["sites"]) == ["site_00", "site_01"]
     assert all(np.isfinite(site["dice"]) for site in cell["sites"].values())
+
+
+def _res(metrics: dict[str, Any]) -> FitRes:
+    return FitRes(Status(Code.OK, ""), None, 1, metrics)  # type: ignore[arg-type]
+
+
+def test_results_without_a_site_of_their_own_or_a_number_are_named_failures() -> None:
+    results = [(InProcessProxy.__new__(InProcessProxy), _res(m)) for m in (
+        {"site": "a", "loss": 0.5}, {"loss": 0.5}, {"site": "a", "loss": 0.1}, {"site": "b", "loss": "diverged"},
+        {"site": "c", "loss": float("nan")})]
+    for i, (proxy, _) in enumerate(results):
+        ClientProxy.__init__(proxy, cid=str(i))
+    kept, rejected = screen_results(results, ["loss"])
+    assert [res.metrics["site"] for _, res in kept] == ["a", "c"]  # NaN is a number: a diverged loss is reported
+    assert [str(e) for e in rejected] == [
+        "[site=node:1] result rejected: no site name (the site metric is NoneType, not a non-empty str)",
+        "[site=a] result rejected: another result of this message already reported site a",
+        "[site=b] result rejected: the loss metric is str, not a number",
+    ]
+
+
+def test_parse_local_results_checks_every_budget_and_metric() -> None:
+    keys = metric_keys(4)
+    good = {"1": {"dice": 0.5}, "2": {"dice": 0.25, "hd95": float("nan")}}  # NaN: a structure never predicted
+    assert parse_local_results(_res({"results": json.dumps(good)}), [1, 2], keys)["1"] == good["1"]
+    for results, problem in (("{", "not JSON"), (json.dumps([1]), "no cell for N = 1"),
+                             (json.dumps({"1": {"dice": 0.5}}), "no cell for N = 2"),
+                             (json.dumps({"1": {"dice": "high"}, "2": {}}), "N = 1 has non-numbers in dice")):
+        with pytest.raises(ValueError, match=problem):
+            parse_local_results(_res({"results": results}), [1, 2], keys)
+
+
+def test_one_sites_unreadable_local_results_do_not_lose_the_others(cfg_factory, monkeypatch) -> None:
+    cfg = cfg_factory("finetune.tasks=[local]")
+    fit = InProcessProxy.fit
+
+    def site_01_garbles(self, ins, timeout, group_id):
+        res = fit(self, ins, timeout, group_id)
+        if self.cid == "1001":
+            res.metrics["results"] = "{not json"
+        return res
+
+    monkeypatch.setattr(InProcessProxy, "fit", site_01_garbles)
+    server = StubServer(cfg)
+    assert run_finetune_stage(server, None) == 1
+    cell = json.loads((server.output_dir / "finetune" / RESULTS_JSON).read_text())["cells"]["local/1"]
+    assert not cell["complete"] and sorted(cell["sites"]) == ["site_00"] and np.isfinite(cell["dice_mean"])
+    assert [f["site"] for f in cell["failures"]] == ["site_01"]
+    assert cell["failures"][0]["reason"].startswith("result rejected: the results metric is not JSON (Expecting")
 
 
 def test_local_pretrain_init(cfg_factory, monkeypatch) -> None:

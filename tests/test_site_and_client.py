@@ -156,3 +156,12 @@ def test_resuming_with_another_model_is_refused_naming_the_keys(small_cfg, tmp_p
         server("resume=true", "model.channels=[8,16,32,64]")._restore()
     with pytest.raises(ConfigError, match=r"model\.proj_dim"):
         server("resume=true", "model.proj_dim=8")._restore()
+
+
+def test_metric_averaging_skips_a_sites_malformed_values():
+    from fcl_flower.server_app import weighted_metrics
+
+    merged = weighted_metrics([(1, {"loss": 1.0, "site": "a", "seconds": 2.0}),
+                               (3, {"loss": "oops", "site": "b", "seconds": 4.0}),
+                               (1, {"loss": float("nan"), "site": "c", "seconds": 6.0, "bank": b"\x00"})])
+    assert merged == {"loss": 1.0, "seconds": (2.0 + 12.0 + 6.0) / 5}
