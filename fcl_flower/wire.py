@@ -188,8 +188,8 @@ def update_problem(arrays: list[np.ndarray], num_examples: int, reference: list[
     averaged in, any of them would crash the aggregation or spoil every site's model. The
     messages hold no quotes: the server reads a failure's reason up to the first quote.
     """
-    if num_examples < 1:
-        return f"num_examples is {num_examples}"
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        return f"num_examples is {num_examples}, not an int of at least 1"
     if len(arrays) != len(reference):
         return f"{len(arrays)} weight arrays, expected {len(reference)}"
     for i, (array, shape) in enumerate(zip(arrays, reference, strict=True)):

@@ -52,6 +52,7 @@ still runs, so the relay's cost can be compared with plain federated MoCo/SimCLR
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,12 @@ class _RoundRecord:
     down: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped_stale: list[str] = field(default_factory=list)
     reference: list[tuple[int, ...]] | None = None  # shapes of the global weights sent this round
+
+
+def _usable_evaluation(res: EvaluateRes) -> bool:
+    n, loss = res.num_examples, res.loss
+    return (isinstance(n, int) and not isinstance(n, bool) and n > 0
+            and isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss))
 
 
 def screen_updates(
@@ -238,8 +245,10 @@ class FeatureExchange(Strategy):
 
         A site with no held-out data answers with 0 examples; flwr's example-weighted
         averages divide by the total, so such results are left out (all of them: no loss).
+        So is a result whose example count is not a positive int or whose loss is not a
+        finite number, which would fail or spoil the average.
         """
-        evaluated = [(proxy, res) for proxy, res in results if res.num_examples > 0]
+        evaluated = [(proxy, res) for proxy, res in results if _usable_evaluation(res)]
         if not evaluated:
             return None, {}
         return self.strategy.aggregate_evaluate(server_round, evaluated, failures)

@@ -374,7 +374,8 @@ def test_update_problem_names_each_defect() -> None:
     ref = [(3, 2), (5,)]
     ok = [np.zeros((3, 2), np.float32), np.zeros(5, np.int64)]
     assert wire.update_problem(ok, 4, ref) is None
-    assert wire.update_problem(ok, 0, ref) == "num_examples is 0"
+    assert wire.update_problem(ok, 0, ref) == "num_examples is 0, not an int of at least 1"
+    assert wire.update_problem(ok, float("nan"), ref) == "num_examples is nan, not an int of at least 1"
     assert wire.update_problem(ok[:1], 4, ref) == "1 weight arrays, expected 2"
     assert wire.update_problem([ok[0], np.full(5, np.inf)], 4, ref) == "weight array 1 holds NaN or Inf"
 
@@ -615,4 +616,9 @@ def test_sites_without_held_out_data_do_not_break_evaluation() -> None:
     assert fx.aggregate_evaluate(1, [(StubProxy("1"), empty)], []) == (None, {})
     real = EvaluateRes(Status(Code.OK, ""), 2.0, 4, {"site": "B"})
     loss, _ = fx.aggregate_evaluate(1, [(StubProxy("1"), empty), (StubProxy("2"), real)], [])
+    assert loss == 2.0
+    # a result with a non-finite loss or a count that is not an int is left out, not averaged
+    diverged = EvaluateRes(Status(Code.OK, ""), float("nan"), 4, {"site": "C"})
+    odd = EvaluateRes(Status(Code.OK, ""), 1.0, [4], {"site": "D"})  # type: ignore[arg-type]
+    loss, _ = fx.aggregate_evaluate(1, [(StubProxy("2"), real), (StubProxy("3"), diverged), (StubProxy("4"), odd)], [])
     assert loss == 2.0
