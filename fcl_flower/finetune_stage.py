@@ -46,7 +46,7 @@ from flwr.server.server import evaluate_clients, fit_clients
 from omegaconf import DictConfig
 
 from fcl_flower.config import FINETUNE_TASKS, config_to_yaml
-from fcl_flower.environment import ENVIRONMENT, EnvironmentRecord, environment_record, merge_records
+from fcl_flower.environment import EnvironmentRecord, environment_record, merge_records
 from fcl_flower.finetune import (
     average_weights, config_fingerprint, initial_unet_weights, metric_keys, replace_encoder,
 )
