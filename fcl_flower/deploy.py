@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from fcl_flower.certs import CertPaths, ensure_certs
 from fcl_flower.config import config_to_yaml, with_overrides
+from fcl_flower.data.datasets import is_single_dataset, site_subfolders
 from fcl_flower.processes import (
     BIN_DIR, FlowerProcessError, ManagedProcess, flower_env, flwr_cli, follow_run, free_port,
     is_alive, report_outcome, run_status, stop_tree, submit_run, wait_for_port, write_connection,
@@ -53,12 +54,12 @@ def site_data_dirs(cfg: DictConfig, sites: int) -> dict[str, Path]:
     if manifest.is_file():
         names = list(json.loads(manifest.read_text()).get("sites", []))
     else:
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if (root / "dataset.json").is_file() or any(re.fullmatch(r"patient\d+", name) for name in names):
+        if is_single_dataset(root, cfg.data.format):
             raise FlowerProcessError(
                 f"data.root={root} is one dataset, not one folder per site: deploy-local gives each SuperNode "
                 "one site folder, so split it into site folders first (simulate can split one dataset by data.split)"
             )
+        names = [folder.name for folder in site_subfolders(root)]
     if len(names) < sites:
         raise FlowerProcessError(
             f"deploy-local needs {sites} site folders under data.root={root}, found {len(names)}: {names}"

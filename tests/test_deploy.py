@@ -286,6 +286,6 @@ def test_site_data_dirs_follow_the_manifest(tmp_path):
     msd = tmp_path / "msd"
     (msd / "imagesTr").mkdir(parents=True)
     (msd / "dataset.json").write_text("{}")
-    for root in (acdc, msd):
+    for root, fmt in ((acdc, "acdc"), (msd, "msd")):
         with pytest.raises(FlowerProcessError, match="one dataset, not one folder per site"):
-            site_data_dirs(load_config([f"data.root={root}", "data.format=acdc"]), 2)
+            site_data_dirs(load_config([f"data.root={root}", f"data.format={fmt}"]), 2)
