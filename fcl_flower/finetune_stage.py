@@ -52,7 +52,7 @@ from fcl_flower.finetune import (
 )
 from fcl_flower.models import encoder_from_weights, load_encoder
 from fcl_flower.pretrain import initial_weights
-from fcl_flower.wire import SITE, result_problem
+from fcl_flower.wire import SITE, is_number, result_problem
 from strategies.feature_exchange import screen_updates
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def parse_local_results(res: Any, budgets: Sequence[int], keys: Sequence[str]) -
         cell = cells.get(str(n)) if isinstance(cells, dict) else None
         if not isinstance(cell, dict):
             raise ValueError(f"the results metric has no cell for N = {n}")
-        bad = [k for k in keys if k in cell and (isinstance(cell[k], bool) or not isinstance(cell[k], (int, float)))]
+        bad = [k for k in keys if k in cell and not is_number(cell[k])]
         if bad:
             raise ValueError(f"the results metric for N = {n} has non-numbers in {', '.join(bad)}")
     return cells

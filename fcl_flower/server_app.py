@@ -35,6 +35,7 @@ from fcl_flower.environment import compute_environment, environment_record
 from fcl_flower.metrics import RunRecorder
 from fcl_flower.models import encoder_from_weights, save_encoder
 from fcl_flower.pretrain import initial_weights
+from fcl_flower.wire import is_number
 from strategies.feature_exchange import FeatureExchange
 from strategies.registry import build_strategy
 
@@ -234,8 +235,7 @@ class FCLServer(Server):
 
 def _numbers(values: dict[str, Any]) -> dict[str, int | float]:
     """The finite numbers among a site's metrics (a string, a NaN or a byte string from a site is left out)."""
-    return {k: v for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {k: v for k, v in values.items() if is_number(v) and math.isfinite(v)}
 
 
 def weighted_metrics(metrics: list[tuple[int, dict[str, Any]]]) -> dict[str, float]:

@@ -176,6 +176,11 @@ def remote_bank_from_config(
     return features.astype(np.float32), partitions.astype(np.int64)
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool: a value the server can compute with (NaN included)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def update_problem(arrays: list[np.ndarray], num_examples: int, reference: list[tuple[int, ...]]) -> str | None:
     """Why a site's returned weights cannot be averaged into the global model, or None.
 
@@ -217,6 +222,6 @@ def result_problem(metrics: Mapping[str, Any], required: Sequence[str], taken: s
         return f"another result of this message already reported site {site}"
     for key in required:
         value = metrics.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             return f"the {key} metric is {type(value).__name__}, not a number"
     return None

@@ -98,8 +98,7 @@ class _RoundRecord:
 
 def _usable_evaluation(res: EvaluateRes) -> bool:
     n, loss = res.num_examples, res.loss
-    return (isinstance(n, int) and not isinstance(n, bool) and n > 0
-            and isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss))
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and wire.is_number(loss) and math.isfinite(loss)
 
 
 def screen_updates(

@@ -28,6 +28,7 @@ from flwr.server.strategy import (
 from omegaconf import DictConfig, OmegaConf
 
 from fcl_flower.config import ConfigError
+from fcl_flower.wire import is_number
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -110,7 +111,7 @@ def build_strategy(
             )
     for key, least in OPTION_MINIMA.items():
         value = options.get(key, least)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= least:
+        if not is_number(value) or not value >= least:
             raise ConfigError(f"config key 'strategy.options.{key}': must be a number at least {least}, got {value!r}")
     missing = [
         p for p in accepted
